@@ -175,6 +175,12 @@ def make_trainer(name: str, shape: str, device: torch.device, data: TaskData, st
     return tr, base_names
 
 
+def fixed_batches(data: TaskData, n: int) -> list[list[int]]:
+    """The batches every method is timed on (after its own burn-in): identical across methods."""
+    s = LengthGroupedSampler(data.lengths("train"), 16, seed=12345)
+    return [s.next_batch() for _ in range(n)]
+
+
 def time_engine(name, shape, device, data, steps, warmup, compile_) -> dict:
     scope = memory_scope(device)
     tr, base_names = make_trainer(name, shape, device, data, steps, compile_)
@@ -182,20 +188,22 @@ def time_engine(name, shape, device, data, steps, warmup, compile_) -> dict:
     plan = tr.method.select(tr.model, SelectContext(tr))
     select_s = time.perf_counter() - t0
     tr.build_optimizers(plan)
+    batches = fixed_batches(data, warmup + steps)
+    tr._ensure_sampler()
+    tr._batches = iter(batches)  # the same batches for every method
     for _ in range(warmup):
         tr.train_step()
     sync(device)
-    tokens = 0
+    lengths = data.lengths("train")
+    tokens = sum(lengths[i] for b in batches[warmup:] for i in b)
     times = []
     if scope:
         scope.start()
     for _ in range(steps):
-        b_before = tr.sampler.state_dict() if tr.sampler else None
         t = time.perf_counter()
         tr.train_step()
         sync(device)
         times.append(time.perf_counter() - t)
-        tokens += _tokens_of_last_batch(tr, b_before)
     peak = peak_bytes(device, scope)
     step_s = statistics.median(times)
     opt_bytes = tr.optimizer_state_bytes()
@@ -211,14 +219,6 @@ def time_engine(name, shape, device, data, steps, warmup, compile_) -> dict:
            "tokens_per_step": tokens / steps}
     del tr
     return out
-
-
-def _tokens_of_last_batch(tr, state_before) -> int:
-    """Real (non-pad) tokens in the batch the last step consumed."""
-    s = LengthGroupedSampler(tr.data.lengths("train"), tr.t.batch_size, seed=tr.seed,
-                             group_by_length=tr.t.group_by_length)
-    s.load_state_dict(state_before)
-    return sum(tr.data.lengths("train")[i] for i in s.next_batch())
 
 
 def time_naive(name, shape, device, data, steps, warmup) -> dict:
@@ -240,7 +240,7 @@ def time_naive(name, shape, device, data, steps, warmup) -> dict:
     for p in params.values():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=0.01)
-    sampler = iter(LengthGroupedSampler(data.lengths("train"), 16, seed=0, group_by_length=False))
+    sampler = iter(fixed_batches(data, warmup + steps))
 
     def step():
         idx = next(sampler)

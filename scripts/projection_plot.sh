@@ -6,16 +6,8 @@
 #       train.max_steps=200 train.min_steps=0 methods.diffprune.burnin_steps=20 \
 #       methods.diffprune.remask_every=40
 # With several seeds (seeds=3), pass one run directory to `sam-peft plot curve` yourself.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-out="${OUT:-results/projection}"
-for arg in "$@"; do  # the outputs below read $OUT/runs, so the runs must go there
-    case "$arg" in output_dir=*) echo "$0: set OUT=DIR instead of output_dir=" >&2; exit 2 ;; esac
-done
-
-status=0
-sam-peft sweep configs/projection.yaml output_dir="$out/runs" "$@" || status=$?
-if [ "$status" -eq 2 ]; then exit 2; fi  # bad input: nothing ran
+source "$(dirname "$0")/_sweep.sh"
+run_sweep configs/projection.yaml results/projection "$@"
 
 sam-peft plot curve "$out/runs" -o "$out/fig4.png"
 exit "$status"

@@ -219,7 +219,22 @@ def test_missing_data_stops_the_sweep_before_any_run(tmp_path, capsys, monkeypat
     assert calls == [] and not (tmp_path / "runs").exists()
 
 
-PAPER_SWEEPS = [("table1.yaml", 700), ("table2.yaml", 700), ("sparsity.yaml", 700), ("projection.yaml", 1)]
+PAPER_SWEEPS = [("table1.yaml", 700), ("table2.yaml", 700), ("sparsity.yaml", 700), ("projection.yaml", 1),
+                ("demo.yaml", 210), ("standin.yaml", 120)]
+RUN_CONFIGS = ["demo_run.yaml", "paper.yaml"]
+
+
+def test_every_shipped_config_is_checked_here():
+    """A config added to configs/ must be added to one of the lists below, so that it is validated."""
+    shipped = {p.name for p in CONFIGS.glob("*.yaml")}
+    assert shipped == {name for name, _ in PAPER_SWEEPS} | set(RUN_CONFIGS)
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS)
+def test_shipped_run_configs_validate(name):
+    from sam_peft.config import load_config
+    cfg = load_config(CONFIGS / name)
+    assert cfg.method["name"] and cfg.task
 
 
 @pytest.mark.skipif(

