@@ -253,6 +253,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("sam-peft: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`sam-peft sweep x --dry-run | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
