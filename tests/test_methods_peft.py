@@ -149,3 +149,25 @@ def test_lora_without_matching_target_is_a_user_error():
     model = task_model("roberta")
     with pytest.raises(UserError, match="targets"):
         build_method(validate_method_options({"name": "lora", "targets": ["q_lin"]})).wrap(model)
+
+
+def test_fused_lora_forward_equals_loralib_forward_and_gradients():
+    """The addmm fast path computes what loralib.Linear computes, values and gradients."""
+    import loralib
+
+    from sam_peft.methods.lora import lora_linear_class
+
+    torch.manual_seed(0)
+    ref = loralib.Linear(12, 7, r=4, lora_alpha=8, merge_weights=False)
+    fused = lora_linear_class()(12, 7, r=4, lora_alpha=8, merge_weights=False)
+    fused.load_state_dict(ref.state_dict())
+    torch.nn.init.normal_(ref.lora_B)  # non-zero B so that the LoRA term counts
+    fused.lora_B.data.copy_(ref.lora_B.data)
+    x = torch.randn(3, 5, 12)
+    out_ref, out_fused = ref(x), fused(x)
+    assert out_fused.shape == out_ref.shape == (3, 5, 7)
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-5, atol=1e-6)
+    out_ref.square().sum().backward()
+    out_fused.square().sum().backward()
+    for name in ("lora_A", "lora_B"):
+        torch.testing.assert_close(getattr(fused, name).grad, getattr(ref, name).grad, rtol=1e-5, atol=1e-5)
