@@ -503,3 +503,67 @@ def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+# ---------------------------------------------------------------------------------------
+# A run's data on its device
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    features: dict[str, list[dict]]  # split -> encoded examples (see encode)
+    pad_id: int
+
+    def lengths(self, split: str) -> list[int]:
+        return [feature_length(f) for f in self.features[split]]
+
+    def labels(self, split: str) -> list:
+        return [f["label"] for f in self.features[split]]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class TrainStream:
+    """A run's training batches, collated on its device, in the order of a LengthGroupedSampler
+    over the train split: endless and resumable (state_dict / load_state_dict). The sampler is
+    built on first use, since `sam-peft eval` has no train split.
+
+    `use_batches(index_batches)` replaces the order by a given list of index batches (benchmarks
+    feed every method the same batches).
+    """
+
+    def __init__(self, data: TaskData, batch_size: int, seed: int, group_by_length: bool, device):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.group_by_length, self.device = group_by_length, device
+        self.sampler: LengthGroupedSampler | None = None
+        self._order = None
+
+    def _ensure(self) -> LengthGroupedSampler:
+        if self.sampler is None:
+            self.sampler = LengthGroupedSampler(self.data.lengths("train"), self.batch_size, seed=self.seed,
+                                                group_by_length=self.group_by_length)
+            self._order = iter(self.sampler)
+        return self.sampler
+
+    def use_batches(self, index_batches) -> None:
+        self._ensure()
+        self._order = iter(index_batches)
+
+    def next(self) -> dict:
+        self._ensure()
+        idx = next(self._order)
+        return to_device(collate([self.data.features["train"][i] for i in idx], self.data.pad_id), self.device)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.data.features["train"]) / self.batch_size)
+
+    def state_dict(self) -> dict | None:
+        return self.sampler.state_dict() if self.sampler else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is not None:
+            self._ensure().load_state_dict(state)

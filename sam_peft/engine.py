@@ -1,37 +1,39 @@
-"""Training engine: burn-in services for methods, the training loop, evaluation, early stopping.
+"""Training engine: the loop every method shares.
 
-Read top to bottom: `Trainer.fit` asks the method for a TrainPlan (the method may run a burn-in
-through `SelectContext`), freezes everything outside the plan, builds the optimizers (whole
-tensors: torch AdamW; chosen entries: SparseAdamW), trains with evaluation every `eval_every`
-steps and early stopping, restores the best weights, lets the method finalize, and evaluates.
-The engine never looks at a method's name.
+Read `Trainer.fit` top to bottom: the method chooses what trains (a TrainPlan), maybe after a
+burn-in it runs through `SelectContext`; everything outside the plan is frozen; one PlanOptimizer
+updates the plan; the loop trains with evaluation every `eval_every` steps and early stopping;
+the best weights are restored and the method finalizes. The engine never looks at a method's
+name. Pieces it uses: data.TrainStream (batches), optim.PlanOptimizer (updates and clipping),
+scoring.GradientStats (scoring batches), checkpoint (best-weight snapshots, resumable state).
+
+Two kinds of step: a *training step* updates weights and advances the schedule, the evaluation
+cadence and the limits; a *scoring batch* (SAM's burn-in, ChildTuning-D's Fisher pass) only
+accumulates gradients and advances none of them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-import random
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
+from sam_peft import checkpoint as ckpt_lib
 from sam_peft import metrics as metrics_lib
+from sam_peft.data import TaskData, TrainStream, collate, eval_batches, to_device  # noqa: F401 (re-exported)
 from sam_peft.errors import UserError
-from sam_peft.data import LengthGroupedSampler, collate, eval_batches, feature_length
 from sam_peft.methods.base import Method, TrainPlan
 from sam_peft.optim import PlanOptimizer
+from sam_peft.params import eligible_names, head_names, layernorm_names, no_decay_names  # noqa: F401
 from sam_peft.scoring import GradientStats
 from sam_peft.selection import budget, topk_entries
-from sam_peft.tasks import TaskSpec
 
-
-# Parameter classifiers live in sam_peft.params (one rule for every floor); re-exported here.
-from sam_peft.params import eligible_names, head_names, layernorm_names, no_decay_names  # noqa: E402,F401
+CHECKPOINT_FORMAT = ckpt_lib.FORMAT
+CheckpointMismatch = ckpt_lib.CheckpointMismatch
 
 
 def learning_rate(step: int, base: float, max_steps: int, warmup_steps: int) -> float:
@@ -44,27 +46,18 @@ def learning_rate(step: int, base: float, max_steps: int, warmup_steps: int) -> 
     return base * max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
-# ------------------------------------------------------------------------ data
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.precision` on a device (None: plain fp32)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "bf16" and device.type == "cpu":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
-@dataclass
-class TaskData:
-    spec: TaskSpec
-    features: dict[str, list[dict]]  # split -> encoded examples (sam_peft.data.encode)
-    pad_id: int
-
-    def lengths(self, split: str) -> list[int]:
-        return [feature_length(f) for f in self.features[split]]
-
-    def labels(self, split: str) -> list:
-        return [f["label"] for f in self.features[split]]
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-# ------------------------------------------------------------------------ selection services
+# ------------------------------------------------------------------------ what methods see
 
 
 class SelectContext:
@@ -99,7 +92,7 @@ class SelectContext:
     @property
     def batches_per_epoch(self) -> int:
         """Training batches in one pass over the train split (the last one may be partial)."""
-        return math.ceil(len(self._t.data.features["train"]) / self._t.t.batch_size)
+        return self._t.batches.batches_per_epoch
 
     def budget(self, density: float, m: int | None = None) -> int:
         """floor(density * m); m defaults to all eligible entries."""
@@ -117,7 +110,6 @@ class SelectContext:
 
         Returns {stat: {name: tensor}} (see scoring.py) over `names` (default: every eligible
         parameter). `clip` > 0 clips each batch's gradients first (scoring.py's clip modes).
-        Scoring batches are not training steps (see the class docstring).
         """
         return self._t.accumulate_gradients(n_batches, stats, names, clip, clip_mode)
 
@@ -129,21 +121,14 @@ class SelectContext:
         return TrainPlan(dense=list(self.eligible))
 
 
-# ------------------------------------------------------------------------ trainer
-
-
-CHECKPOINT_FORMAT = "sam-peft-checkpoint/2"
-
-
-class CheckpointMismatch(Exception):
-    """A checkpoint that does not belong to this run (the caller then starts afresh)."""
+# ------------------------------------------------------------------------ bookkeeping
 
 
 @dataclass
 class EarlyStopping:
     """Counters of the main phase: the best weights so far and evaluations without improvement."""
 
-    best: dict | None = None  # snapshot of the best weights
+    best: dict | None = None  # checkpoint.snapshot of the best weights
     best_step: int = 0
     best_val: dict | None = None
     bad: int = 0  # evaluations since the last improvement
@@ -160,14 +145,56 @@ class EarlyStopping:
         return cls(**state)
 
 
-def _numpy_rng_state():
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+class TrainLog:
+    """The mean training loss every `every` steps, to a callback; a non-finite mean stops the run."""
+
+    def __init__(self, every: int, write):
+        self.every, self.write = every, write
+        self.recent: list[torch.Tensor] = []
+
+    def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        if not self.every:
+            return
+        self.recent.append(loss)
+        if step % self.every == 0:
+            mean = float(torch.stack(self.recent).float().mean())
+            self.recent = []
+            self.write({"step": step, "loss": mean, "lr": lr})
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"training loss is {mean} at step {step}")
+
+    def state(self) -> list:
+        return list(self.recent)
+
+    def load(self, recent: list) -> None:
+        self.recent = list(recent)
 
 
-def _set_numpy_rng_state(s) -> None:
-    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+class Progress:
+    """A tqdm bar over scoring batches + training steps (or nothing)."""
+
+    def __init__(self, on: bool, total: int, desc: str):
+        self.bar = None
+        if on:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+    def grow(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.refresh()
+
+    def to(self, position: int, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(position - self.bar.n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @dataclass
@@ -185,6 +212,9 @@ class FitResult:
     resumed_from: int | None = None  # the step a resumed run continued from
 
 
+# ------------------------------------------------------------------------ the trainer
+
+
 class Trainer:
     def __init__(self, cfg, model, method: Method, data: TaskData, device, eligible: list[str],
                  log_eval=None, log_train=None, checkpoint=None, progress: bool = True, desc: str = ""):
@@ -196,74 +226,41 @@ class Trainer:
         self.eligible = eligible
         self.theta0 = {n: self.params[n].detach().clone() for n in eligible}
         self.log_eval = log_eval or (lambda record: None)
-        self.log_train = log_train or (lambda record: None)
-        self.checkpoint = checkpoint  # called with checkpoint_state(...) every train.checkpoint_every
-        self._recent: list[torch.Tensor] = []  # losses since the last train-log line
+        self.train_log = TrainLog(self.t.log_every, log_train or (lambda record: None))
+        self.checkpoint = checkpoint  # called with checkpoint.capture(...) every train.checkpoint_every
         self.step = 0  # training steps: weight updates (the schedule, eval cadence and limits count these)
         self.scoring_steps = 0  # scoring batches: forward/backward without an update
         self.warmup_steps = self.t.warmup_steps if self.t.warmup_steps is not None else round(self.t.warmup * self.t.max_steps)
-        self.autocast_dtype = self._precision()
-        self.sampler: LengthGroupedSampler | None = None  # built on first use: `eval` has no train split
-        self._batches = None
+        self.autocast_dtype = autocast_dtype(self.t.precision, self.device)
+        self.batches = TrainStream(data, self.t.batch_size, self.seed, self.t.group_by_length, self.device)
         self.optimizer: PlanOptimizer | None = None
-        self.progress = progress
-        self.desc = desc
-        self._bar = None
-        self.encoder_forward = model.encoder.forward
+        self.progress = Progress(False, 0, desc)
+        self._progress_on, self.desc = progress, desc
         if self.t.compile and self.device.type == "cuda":
             self.model.encoder.forward = torch.compile(self.model.encoder.forward, dynamic=True)
-
-    # -------------------------------------------------------------- plumbing
-    def _precision(self):
-        want = self.t.precision
-        if want == "fp32" or (want == "auto" and self.device.type != "cuda"):
-            return None
-        if want == "bf16" and self.device.type == "cpu":
-            return torch.bfloat16
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
 
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _ensure_sampler(self) -> LengthGroupedSampler:
-        if self.sampler is None:
-            self.sampler = LengthGroupedSampler(
-                self.data.lengths("train"), self.t.batch_size, seed=self.seed, group_by_length=self.t.group_by_length
-            )
-            self._batches = iter(self.sampler)
-        return self.sampler
-
     def next_batch(self) -> dict:
-        self._ensure_sampler()
-        idx = next(self._batches)
-        return to_device(collate([self.data.features["train"][i] for i in idx], self.data.pad_id), self.device)
+        return self.batches.next()
 
-    def _tick(self, **postfix):
-        """Move the progress bar to the current position (scoring batches + training steps)."""
-        if self._bar is not None:
-            self._bar.update(self.scoring_steps + self.step - self._bar.n)
-            if postfix:
-                self._bar.set_postfix(postfix, refresh=False)
+    def _tick(self, **postfix) -> None:
+        self.progress.to(self.scoring_steps + self.step, **postfix)
 
-    def set_trainable(self, plan: TrainPlan) -> list[str]:
+    # -------------------------------------------------------------- what trains
+    def set_trainable(self, plan: TrainPlan) -> None:
         """requires_grad only where the plan trains: frozen tensors compute no weight gradient."""
-        trained = (set(plan.dense) | set(plan.sparse) | set(plan.group_names())
+        trained = (set(plan.dense) | set(plan.group_names()) | {n for n, i in plan.sparse.items() if i.numel()}
                    | (set(head_names(self.model)) if plan.train_head else set()))
         for n, p in self.model.named_parameters():
             p.requires_grad_(n in trained)
-        return [n for n in self.params if n in trained]
 
     def build_optimizers(self, plan: TrainPlan) -> None:
         self.params = dict(self.model.named_parameters())  # methods may have added parameters
         self.set_trainable(plan)
-        # Tensors in the plan with no chosen entry: no gradient needed at all.
-        for n, idx in plan.sparse.items():
-            if not idx.numel():
-                self.params[n].requires_grad_(False)
         t = self.t
         dense = list(plan.dense) + (head_names(self.model) if plan.train_head else [])
         no_decay = no_decay_names(self.model) | set(plan.no_decay)
@@ -273,46 +270,27 @@ class Trainer:
     def optimizer_state_bytes(self) -> int:
         return self.optimizer.state_bytes() if self.optimizer else 0
 
-    # -------------------------------------------------------------- one step
+    # -------------------------------------------------------------- one step of each kind
     def train_step(self) -> torch.Tensor:
-        model = self.model
+        model, method = self.model, self.method
         model.train()
-        batch = self.next_batch()
-        self.method.before_forward(model, self.step)
+        batch = self.batches.next()
+        method.before_forward(model, self.step)
         with self.autocast():
-            logits = model(batch)
-            loss = model.loss(logits, batch["labels"])
-        total = loss
-        extra = self.method.extra_loss(model)
-        if extra is not None:
-            total = loss + extra
-        total.backward()
-        self.method.after_backward(model, self.step)
+            loss = model.loss(model(batch), batch["labels"])
+        extra = method.extra_loss(model)
+        (loss if extra is None else loss + extra).backward()
+        method.after_backward(model, self.step)
         lr = learning_rate(self.step, self.t.lr, self.t.max_steps, self.warmup_steps)
         self.optimizer.step(lr)
-        self.optimizer.zero_grad()
-        # Gradients of tensors that train nowhere (sparse tensors with empty selections etc.).
-        for p in model.parameters():
+        for p in model.parameters():  # also tensors that train nowhere (e.g. empty selections)
             p.grad = None
         self.step += 1
-        self.method.after_step(model, self.step)
+        method.after_step(model, self.step)
         loss = loss.detach()
-        self._log_loss(loss, lr)
+        self.train_log.add(self.step, loss, lr)
         return loss
 
-    def _log_loss(self, loss: torch.Tensor, lr: float) -> None:
-        """Mean training loss every `log_every` steps (burn-in training steps included)."""
-        if not self.t.log_every:
-            return
-        self._recent.append(loss)
-        if self.step % self.t.log_every == 0:
-            mean = float(torch.stack(self._recent).float().mean())
-            self._recent = []
-            self.log_train({"step": self.step, "loss": mean, "lr": lr})
-            if not math.isfinite(mean):
-                raise FloatingPointError(f"training loss is {mean} at step {self.step}")
-
-    # -------------------------------------------------------------- burn-in services
     def accumulate_gradients(self, n_batches: int, stats, names=None, clip: float = 0.0,
                              clip_mode: str = "global") -> dict[str, dict[str, torch.Tensor]]:
         """Scoring batches (SelectContext.accumulate_gradients): no update, no training step."""
@@ -323,13 +301,11 @@ class Trainer:
         self.set_trainable(TrainPlan(dense=names, train_head=with_head))
         acc = GradientStats({n: self.params[n] for n in names}, stats, clip, clip_mode,
                             norm_extra=[self.params[n] for n in head_names(self.model)] if with_head else [])
-        if self._bar is not None:
-            self._bar.total += n_batches
-            self._bar.refresh()
+        self.progress.grow(n_batches)
         model = self.model
         for _ in range(n_batches):
             model.train()
-            batch = self.next_batch()
+            batch = self.batches.next()
             self.method.before_forward(model, self.step)
             with self.autocast():
                 loss = model.loss(model(batch), batch["labels"])
@@ -341,7 +317,7 @@ class Trainer:
         return acc.sums
 
     def train_phase(self, plan: TrainPlan, n_steps: int) -> None:
-        """Train n steps with a plan (burn-in); no evaluation."""
+        """Train n steps with a plan (a training burn-in); no evaluation."""
         self.build_optimizers(plan)
         for _ in range(n_steps):
             loss = self.train_step()
@@ -350,65 +326,34 @@ class Trainer:
     # -------------------------------------------------------------- evaluation
     @torch.no_grad()
     def predict(self, split: str, limit: int | None = None) -> list:
-        feats = self.data.features[split]
-        if limit is not None:
-            feats = feats[:limit]
-        lengths = self.data.lengths(split)[: len(feats)]
+        feats = self.data.features[split][:limit]
         preds = [None] * len(feats)
         self.model.eval()
         weights = self.method.eval_weights(self.model, split) if self.method else contextlib.nullcontext()
         with weights:
-            for idx in eval_batches(lengths, self.t.eval_batch_size):
+            for idx in eval_batches(self.data.lengths(split)[: len(feats)], self.t.eval_batch_size):
                 batch = to_device(collate([feats[i] for i in idx], self.data.pad_id), self.device)
                 with self.autocast():
                     logits = self.model(batch)
-                out = self.model.predictions(self.model.kind, logits).cpu().tolist()
-                for i, p in zip(idx, out):
+                for i, p in zip(idx, self.model.predictions(self.model.kind, logits).cpu().tolist()):
                     preds[i] = p
         return preds
 
     def evaluate(self, split: str, limit: int | None = None) -> dict:
         preds = self.predict(split, limit)
-        labels = self.data.labels(split)[: len(preds)]
-        return metrics_lib.compute(self.data.spec, preds, labels)
-
-    # -------------------------------------------------------------- snapshots
-    def snapshot(self, plan: TrainPlan) -> dict:
-        """Copies of everything the main phase can change: plan tensors, head, method state."""
-        dense = list(plan.dense) + (head_names(self.model) if plan.train_head else [])
-        return {
-            "dense": {n: self.params[n].detach().clone() for n in dense},
-            "sparse": {n: self.params[n].detach().reshape(-1)[idx].clone() for n, idx in plan.sparse.items()},
-            "groups": {n: self.params[n].detach().clone() for n in plan.group_names()},
-            "method": copy.deepcopy(self.method.state_dict()),
-        }
-
-    @torch.no_grad()
-    def restore(self, plan: TrainPlan, snap: dict) -> None:
-        for n, v in snap["dense"].items():
-            self.params[n].copy_(v)
-        for n, v in snap["sparse"].items():
-            self.params[n].reshape(-1).index_copy_(0, plan.sparse[n].to(v.device), v)
-        for n, v in snap.get("groups", {}).items():
-            self.params[n].copy_(v)
-        self.method.load_state_dict(snap["method"])
+        return metrics_lib.compute(self.data.spec, preds, self.data.labels(split)[: len(preds)])
 
     # -------------------------------------------------------------- the run
     def fit(self, resume: dict | None = None) -> FitResult:
         """Select, train with early stopping, restore the best weights, finalize.
 
-        `resume`: a checkpoint from `checkpoint_state`. select() is replayed (burn-in is
-        deterministic), then the checkpoint's weights, optimizers, data position, random
-        states and counters are loaded, so the run continues exactly where it stopped.
+        `resume`: a checkpoint from checkpoint.capture. select() is replayed (burn-ins are
+        deterministic), then the checkpoint's weights, optimizer, data position, random states
+        and counters are loaded, so the run continues exactly where it stopped.
         """
-        t = self.t
-        timings = {}
-        bar_ctx = contextlib.nullcontext()
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar_ctx = self._bar = tqdm(total=t.max_steps, desc=self.desc, unit="step", dynamic_ncols=True, leave=False)
-        with bar_ctx:
+        t, timings = self.t, {}
+        self.progress = Progress(self._progress_on, t.max_steps, self.desc)
+        try:
             t0 = time.perf_counter()
             plan = self.method.select(self.model, SelectContext(self))
             timings["select_s"] = time.perf_counter() - t0
@@ -419,7 +364,7 @@ class Trainer:
             self.build_optimizers(plan)
             st = EarlyStopping(best_step=self.step)
             if resume is not None:
-                st = self.load_checkpoint_state(resume, plan)
+                st = EarlyStopping.from_state(ckpt_lib.resume_into(self, resume, plan))
                 self._tick()
             stopped = "max_steps"
             t1 = time.perf_counter()
@@ -429,29 +374,28 @@ class Trainer:
                 if self.step % 25 == 0 or at_eval:  # not every step: .item() waits for the GPU
                     self._tick(phase="train", loss=f"{st.losses[-1].item():.4f}",
                                best=f"{st.best_val['major']:.2f}" if st.best_val else "-")
-                if at_eval:
-                    if self.evaluate_and_track(plan, st):
-                        stopped = "patience"
-                        break
-                if self.checkpoint and (t.checkpoint_every == "eval" and at_eval or
-                                        isinstance(t.checkpoint_every, int) and t.checkpoint_every
-                                        and self.step % t.checkpoint_every == 0):
-                    self.checkpoint(self.checkpoint_state(plan, st))
+                if at_eval and self.evaluate_and_track(plan, st):
+                    stopped = "patience"
+                    break
+                every = t.checkpoint_every
+                if self.checkpoint and (at_eval if every == "eval" else every and self.step % every == 0):
+                    self.checkpoint(ckpt_lib.capture(self, plan, st))
             opt_bytes = self.optimizer_state_bytes()  # AdamW allocates its state at the first step
             timings["train_s"] = time.perf_counter() - t1 - st.eval_s
             timings["eval_s"] = st.eval_s
-            self.restore(plan, st.best)
+            ckpt_lib.restore(self.params, plan, st.best, self.method)
             self.method.finalize(self.model)
             plan = self.method.final_plan(plan)
-        self._bar = None
+        finally:
+            self.progress.close()
         for p in self.model.parameters():
             p.requires_grad_(False)
         return FitResult(plan=plan, best_step=st.best_step, steps=self.step, burnin_steps=burnin,
-                         scoring_steps=self.scoring_steps,
-                         best_val=st.best_val, n_evals=st.n_evals, stopped=stopped, timings=timings,
-                         optimizer_state_bytes=opt_bytes, resumed_from=resume["step"] if resume else None)
+                         scoring_steps=self.scoring_steps, best_val=st.best_val, n_evals=st.n_evals,
+                         stopped=stopped, timings=timings, optimizer_state_bytes=opt_bytes,
+                         resumed_from=resume["step"] if resume else None)
 
-    def evaluate_and_track(self, plan: TrainPlan, st: "EarlyStopping") -> bool:
+    def evaluate_and_track(self, plan: TrainPlan, st: EarlyStopping) -> bool:
         """Evaluate on val, keep the best weights, log; True when early stopping ends the run."""
         t = self.t
         te = time.perf_counter()
@@ -462,7 +406,8 @@ class Trainer:
         st.losses = []
         improved = st.best_val is None or val["major"] > st.best_val["major"]
         if improved:
-            st.best, st.best_step, st.best_val, st.bad = self.snapshot(plan), self.step, val, 0
+            st.best = ckpt_lib.snapshot(self.model, self.params, plan, self.method)
+            st.best_step, st.best_val, st.bad = self.step, val, 0
         else:
             st.bad += 1
         self.log_eval({"step": self.step, "train_loss": train_loss,
@@ -471,47 +416,3 @@ class Trainer:
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss is {train_loss} at step {self.step}")
         return st.bad >= t.patience and self.step >= t.min_steps
-
-    # -------------------------------------------------------------- checkpoints (resume)
-    def checkpoint_state(self, plan: TrainPlan, st: "EarlyStopping") -> dict:
-        """Everything needed to continue this run exactly (see fit(resume=...))."""
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "numpy": _numpy_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "step": self.step,
-            "plan": {"dense": list(plan.dense), "sparse": {n: i.cpu() for n, i in plan.sparse.items()},
-                     "train_head": plan.train_head, "groups": plan.group_names()},
-            "weights": self.snapshot(plan),
-            "method": self.method.training_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler.state_dict() if self.sampler else None,
-            "rng": rng,
-            "early_stopping": st.state_dict(),
-            "train_log": list(self._recent),
-        }
-
-    def load_checkpoint_state(self, ckpt: dict, plan: TrainPlan) -> "EarlyStopping":
-        saved = ckpt["plan"]
-        same = (saved["dense"] == list(plan.dense) and saved["train_head"] == plan.train_head
-                and saved.get("groups", []) == plan.group_names()
-                and saved["sparse"].keys() == plan.sparse.keys()
-                and all(torch.equal(saved["sparse"][n], plan.sparse[n].cpu()) for n in plan.sparse))
-        if not same:
-            raise CheckpointMismatch("the replayed selection differs from the checkpoint's")
-        self.restore(plan, ckpt["weights"])
-        self.method.load_training_state(ckpt["method"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["sampler"] is not None:
-            self._ensure_sampler().load_state_dict(ckpt["sampler"])
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        _set_numpy_rng_state(rng["numpy"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.step = int(ckpt["step"])
-        self._recent = list(ckpt["train_log"])
-        return EarlyStopping.from_state(ckpt["early_stopping"])

@@ -70,7 +70,7 @@ from sam_peft.config import RunConfig, build_config, parse_overrides, read_yaml,
 from sam_peft.errors import UserError
 from sam_peft.io import atomic_write_json
 from sam_peft.locks import hold, lock_path
-from sam_peft.report.names import method_display
+from sam_peft.methods import method_display
 from sam_peft.report.results import read_json
 
 ORDER = "grid x methods x tasks x seeds"

@@ -24,14 +24,21 @@ class TaskSpec:
     prompts: dict | None = None  # COPA: question type -> prompt appended to the premise
     label_range: tuple | None = None  # regression: (low, high), inclusive
     num_choices: int | None = None  # multiple choice: answers per example
+    display: str = ""  # the paper's column header (default: the name)
+
+    def __post_init__(self):
+        if not self.display:
+            object.__setattr__(self, "display", self.name)
 
 
 # The WSC record keys that hold the two spans (nested under "target" in jiant's files).
 WSC_TARGET_KEYS = ("span1_index", "span1_text", "span2_index", "span2_text")
 
+# In the paper's column order (tables and figures order tasks by it).
 TASKS: dict[str, TaskSpec] = {
     "cola": TaskSpec(
         name="cola",
+        display="CoLA",
         kind="classification",
         fields=("text",),
         labels=("0", "1"),
@@ -39,6 +46,7 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "stsb": TaskSpec(
         name="stsb",
+        display="STS-B",
         kind="regression",
         fields=("text_a", "text_b"),
         labels=None,
@@ -47,6 +55,7 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "mrpc": TaskSpec(
         name="mrpc",
+        display="MRPC",
         kind="classification",
         fields=("text_a", "text_b"),
         labels=("0", "1"),  # F1 is computed for class id 1 ("1" = paraphrase)
@@ -54,6 +63,7 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "rte": TaskSpec(
         name="rte",
+        display="RTE",
         kind="classification",
         fields=("premise", "hypothesis"),
         labels=("entailment", "not_entailment"),
@@ -61,6 +71,7 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "cb": TaskSpec(
         name="cb",
+        display="CB",
         kind="classification",
         fields=("premise", "hypothesis"),
         labels=("neutral", "entailment", "contradiction"),  # jiant's order, not alphabetical
@@ -68,6 +79,7 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "copa": TaskSpec(
         name="copa",
+        display="COPA",
         kind="multiple_choice",
         fields=("premise", "question", "choice1", "choice2"),
         labels=(0, 1),
@@ -80,6 +92,7 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "wsc": TaskSpec(
         name="wsc",
+        display="WSC",
         kind="span_comparison",
         fields=("text", "target"),
         labels=(False, True),

@@ -189,8 +189,7 @@ def time_engine(name, shape, device, data, steps, warmup, compile_) -> dict:
     select_s = time.perf_counter() - t0
     tr.build_optimizers(plan)
     batches = fixed_batches(data, warmup + steps)
-    tr._ensure_sampler()
-    tr._batches = iter(batches)  # the same batches for every method
+    tr.batches.use_batches(batches)  # the same batches for every method
     for _ in range(warmup):
         tr.train_step()
     sync(device)

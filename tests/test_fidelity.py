@@ -88,14 +88,14 @@ def test_config_without_a_main_phase_step_is_rejected(method):
 
 def test_progress_bar_total_counts_scoring_and_training_steps():
     tr = hand_trainer({"name": "sam", "density": 0.1, "burnin_steps": 5}, max_steps=9, eval_every=3)
-    tr.progress = True
+    tr._progress_on = True
     seen = []
     orig = tr._tick
 
     def spy(**postfix):
         orig(**postfix)
-        if tr._bar is not None:
-            seen.append((tr._bar.n, tr._bar.total))
+        if tr.progress.bar is not None:
+            seen.append((tr.progress.bar.n, tr.progress.bar.total))
 
     tr._tick = spy
     tr.fit()

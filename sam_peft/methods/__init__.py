@@ -1,12 +1,16 @@
 """Method registry: `@register_method("sam")`, then list and build by name.
 
-Each method lives in its own module in this package; importing the package registers them all.
+Each method lives in its own module of this package, found on first use (every module here but
+`base` is imported), so a new method is one new file. Its class says how tables show it
+(`display`, the paper's name, and `paper_row`, its row in the paper's Table 1) and what kind of
+method it is (`category`).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 
 from pydantic import ValidationError
 
@@ -15,9 +19,7 @@ from sam_peft.methods.base import Method, MethodOptions, SparseOptions, TrainPla
 
 _REGISTRY: dict[str, type[Method]] = {}
 
-# Modules that define methods, imported on first use so that heavy optional imports
-# (e.g. the `adapters` library) stay inside the method that needs them.
-_MODULES = ("full", "random_subset", "bitfit", "magprune", "sam", "mixout", "adapter", "lora", "diffprune", "childprune")
+_loaded = False
 
 
 def register_method(name: str):
@@ -32,8 +34,28 @@ def register_method(name: str):
 
 
 def _load_all() -> None:
-    for mod in _MODULES:
-        importlib.import_module(f"sam_peft.methods.{mod}")
+    """Import every method module of this package (each registers its methods)."""
+    global _loaded
+    if _loaded:
+        return
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+    _loaded = True
+
+
+def method_display(name: str) -> str:
+    """The paper's name of a registered method (its class's `display`), else the name itself."""
+    _load_all()
+    cls = _REGISTRY.get(name)
+    return getattr(cls, "display", None) or name if cls else name
+
+
+def paper_rows() -> list[str]:
+    """Display names of the registered methods in the paper's row order (then the others by name)."""
+    _load_all()
+    classes = sorted(_REGISTRY.values(), key=lambda c: (c.paper_row is None, c.paper_row or 0, c.display or c.name))
+    return [c.display or c.name for c in classes]
 
 
 def list_methods() -> list[str]:
@@ -88,6 +110,8 @@ __all__ = [
     "build_method",
     "list_methods",
     "method_class",
+    "method_display",
+    "paper_rows",
     "register_method",
     "validate_method_options",
 ]

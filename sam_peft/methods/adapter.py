@@ -53,6 +53,9 @@ def adapter_param_names(model) -> list[str]:
 
 @register_method("adapter")
 class Adapter(Method):
+    display = "Adapter"
+    paper_row = 6
+    category = "added"
     Options = AdapterOptions
 
     def wrap(self, model) -> None:

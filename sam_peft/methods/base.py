@@ -93,6 +93,13 @@ class Method(abc.ABC):
     """Base class. Subclasses set `Options` and implement `select`."""
 
     Options: type[MethodOptions] = MethodOptions
+    name: str = ""  # the registry name, set by register_method
+    display: str | None = None  # the name in tables and figures (the paper's); default: `name`
+    paper_row: int | None = None  # row in the paper's Table 1 (tables order rows by it)
+    # full: every eligible entry trains; sparse: floor(p*m) chosen entries of the pretrained
+    # tensors; added: new modules train, the encoder is frozen (adapters, LoRA); subset: a fixed
+    # kind of tensor trains (BitFit)
+    category: str = "sparse"
 
     def __init__(self, opts: MethodOptions):
         self.opts = opts

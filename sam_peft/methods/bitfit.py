@@ -6,5 +6,8 @@ from sam_peft.methods.base import Method, TrainPlan
 
 @register_method("bitfit")
 class BitFit(Method):
+    display = "BitFit"
+    paper_row = 4
+    category = "subset"
     def select(self, model, ctx) -> TrainPlan:
         return TrainPlan(dense=[n for n in ctx.eligible if n.endswith(".bias")])

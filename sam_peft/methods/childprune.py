@@ -44,6 +44,9 @@ class ChildPruneOptions(SparseOptions):
 
 @register_method("childprune")
 class ChildPruning(Method):
+    display = "ChildPruning"
+    paper_row = 9
+    category = "sparse"
     Options = ChildPruneOptions
 
     def __init__(self, opts):

@@ -141,6 +141,9 @@ class Gates(nn.Module):
 
 @register_method("diffprune")
 class DiffPruning(Method):
+    display = "DiffPruning"
+    paper_row = 8
+    category = "sparse"
     Options = DiffPruneOptions
 
     def __init__(self, opts):

@@ -99,6 +99,9 @@ def lora_linear_class():
 
 @register_method("lora")
 class LoRA(Method):
+    display = "LoRA"
+    paper_row = 7
+    category = "added"
     Options = LoRAOptions
 
     def wrap(self, model) -> None:

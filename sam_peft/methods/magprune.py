@@ -26,6 +26,9 @@ class MagPruneOptions(SparseOptions):
 
 @register_method("magprune")
 class MagPruning(Method):
+    display = "MagPruning"
+    paper_row = 5
+    category = "sparse"
     Options = MagPruneOptions
 
     def select(self, model, ctx) -> TrainPlan:

@@ -58,6 +58,9 @@ def _final_seed(seed: int, split: str) -> int:
 
 @register_method("mixout")
 class Mixout(Method):
+    display = "MixOut"
+    paper_row = 3
+    category = "full"
     Options = MixoutOptions
 
     def __init__(self, opts):

@@ -20,6 +20,9 @@ class RandomOptions(SparseOptions):
 
 @register_method("random")
 class RandomMask(Method):
+    display = "Random"
+    paper_row = 2
+    category = "sparse"
     Options = RandomOptions
 
     def select(self, model, ctx) -> TrainPlan:

@@ -37,6 +37,9 @@ class SAMOptions(SparseOptions):
 
 @register_method("sam")
 class SAM(Method):
+    display = "SAM"
+    paper_row = 10
+    category = "sparse"
     Options = SAMOptions
 
     def select(self, model, ctx) -> TrainPlan:

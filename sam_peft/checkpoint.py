@@ -1,0 +1,116 @@
+"""Snapshots of trained weights and the training state a killed run resumes from.
+
+- `snapshot` / `restore`: copies of everything the main phase can change (the plan's tensors,
+  its chosen entries, own groups, the head, the method's state): early stopping keeps the best.
+- `capture` / `resume_into`: the whole training state of a Trainer at a step (weights, optimizer
+  moments, data position, every random generator, early-stopping counters, the unlogged train
+  losses), so that a resumed run ends with the result of an uninterrupted one. The method's
+  selection is not stored: it is replayed (burn-ins are deterministic) and checked against the
+  saved plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import torch
+
+from sam_peft.methods.base import TrainPlan
+from sam_peft.params import head_names
+
+FORMAT = "sam-peft-checkpoint/2"
+
+
+class CheckpointMismatch(Exception):
+    """A checkpoint that does not belong to this run (the caller then starts afresh)."""
+
+
+# ------------------------------------------------------------------------ best-weight snapshots
+
+
+def snapshot(model, params: dict, plan: TrainPlan, method) -> dict:
+    dense = list(plan.dense) + (head_names(model) if plan.train_head else [])
+    return {
+        "dense": {n: params[n].detach().clone() for n in dense},
+        "sparse": {n: params[n].detach().reshape(-1)[idx].clone() for n, idx in plan.sparse.items()},
+        "groups": {n: params[n].detach().clone() for n in plan.group_names()},
+        "method": copy.deepcopy(method.state_dict()),
+    }
+
+
+@torch.no_grad()
+def restore(params: dict, plan: TrainPlan, snap: dict, method) -> None:
+    for n, v in snap["dense"].items():
+        params[n].copy_(v)
+    for n, v in snap["sparse"].items():
+        params[n].reshape(-1).index_copy_(0, plan.sparse[n].to(v.device), v)
+    for n, v in snap.get("groups", {}).items():
+        params[n].copy_(v)
+    method.load_state_dict(snap["method"])
+
+
+# ------------------------------------------------------------------------ random generators
+
+
+def rng_state(device: torch.device) -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    s = state["numpy"]
+    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ------------------------------------------------------------------------ a trainer's state
+
+
+def _plan_record(plan: TrainPlan) -> dict:
+    return {"dense": list(plan.dense), "sparse": {n: i.cpu() for n, i in plan.sparse.items()},
+            "train_head": plan.train_head, "groups": plan.group_names()}
+
+
+def capture(trainer, plan: TrainPlan, stopping) -> dict:
+    """Everything needed to continue `trainer` exactly from its current step."""
+    return {
+        "format": FORMAT,
+        "step": trainer.step,
+        "plan": _plan_record(plan),
+        "weights": snapshot(trainer.model, trainer.params, plan, trainer.method),
+        "method": trainer.method.training_state(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "sampler": trainer.batches.state_dict(),
+        "rng": rng_state(trainer.device),
+        "early_stopping": stopping.state_dict(),
+        "train_log": trainer.train_log.state(),
+    }
+
+
+def resume_into(trainer, ckpt: dict, plan: TrainPlan):
+    """Load a captured state into a trainer whose selection was replayed; returns the early-stopping
+    state. Raises CheckpointMismatch if the replayed selection is not the saved one."""
+    saved, now = ckpt["plan"], _plan_record(plan)
+    same = (saved["dense"] == now["dense"] and saved["train_head"] == now["train_head"]
+            and saved.get("groups", []) == now["groups"] and saved["sparse"].keys() == now["sparse"].keys()
+            and all(torch.equal(saved["sparse"][n], now["sparse"][n]) for n in now["sparse"]))
+    if not same:
+        raise CheckpointMismatch("the replayed selection differs from the checkpoint's")
+    restore(trainer.params, plan, ckpt["weights"], trainer.method)
+    trainer.method.load_training_state(ckpt["method"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.batches.load_state_dict(ckpt["sampler"])
+    set_rng_state(ckpt["rng"], trainer.device)
+    trainer.step = int(ckpt["step"])
+    trainer.train_log.load(ckpt["train_log"])
+    return ckpt["early_stopping"]
