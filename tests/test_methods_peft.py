@@ -47,8 +47,8 @@ def wrapped(family: str, method: dict) -> tuple[TaskModel, TaskModel]:
 
 @pytest.mark.parametrize("family", ["roberta", "bert"])
 @pytest.mark.parametrize("method", [
-    {"name": "adapter", "config": "pfeiffer"},
-    {"name": "adapter", "config": "houlsby"},
+    {"name": "adapter", "config": "pfeiffer", "init": "zero"},
+    {"name": "adapter", "config": "houlsby", "init": "zero"},
     {"name": "lora"},
 ], ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_zero_initialised_outputs_give_the_equivalent_model(family, method):
@@ -61,7 +61,7 @@ def test_zero_initialised_outputs_give_the_equivalent_model(family, method):
 
 @pytest.mark.parametrize("family", ["roberta", "bert"])
 @pytest.mark.parametrize("method", [
-    {"name": "adapter", "zero_init": False},
+    {"name": "adapter", "init": "bert"},
     {"name": "lora", "b_init": "kaiming"},
 ], ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_non_zero_init_changes_the_outputs(family, method):
@@ -110,10 +110,11 @@ def test_lora_eval_mode_never_merges_into_the_pretrained_weight():
 
 
 @pytest.mark.parametrize("method,trains", [
-    ({"name": "adapter"}, lambda n: ".adapters.peft." in n),
-    ({"name": "adapter", "train_layernorm": True}, lambda n: ".adapters.peft." in n or "LayerNorm" in n),
+    ({"name": "adapter"}, lambda n: ".adapter_ffn." in n),
+    ({"name": "adapter", "config": "houlsby", "train_layernorm": True},
+     lambda n: ".adapter_attention." in n or ".adapter_ffn." in n or "LayerNorm" in n),
     ({"name": "lora"}, lambda n: n.endswith((".lora_A", ".lora_B"))),
-], ids=["adapter", "adapter-layernorm", "lora"])
+], ids=["adapter", "adapter-houlsby-layernorm", "lora"])
 def test_plan_trains_added_modules_and_head_only(method, trains):
     """On a real (tiny) encoder through the engine: what trains, and theta0 stays put."""
     from sam_peft.engine import Trainer
@@ -141,6 +142,15 @@ def test_adapter_layernorm_needs_eligible_layernorm():
 
     with pytest.raises(ConfigKeyError, match="train_layernorm"):
         validate_method_options({"name": "adapter", "train_layernorm": True, "layernorm": False})
+
+
+def test_adapter_zero_init_is_replaced_by_init():
+    from sam_peft.errors import ConfigKeyError
+
+    with pytest.raises(ConfigKeyError, match=r"^method\.zero_init: .*replaced by 'init'.*init: zero") as err:
+        validate_method_options({"name": "adapter", "zero_init": True})
+    assert "\n" not in str(err.value)
+    assert "zero_init" not in validate_method_options({"name": "adapter"})  # not in resolved configs
 
 
 def test_lora_without_matching_target_is_a_user_error():
