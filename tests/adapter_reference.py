@@ -15,7 +15,7 @@ from sam_peft.methods.adapter import adapter_param_names
 FAMILIES = ("bert", "roberta")
 LIBRARY_CONFIGS = {"pfeiffer": "SeqBnConfig", "houlsby": "DoubleSeqBnConfig"}
 REDUCTION = 4
-SIZES = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+SIZES = dict(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
              hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 ADAPTER_NAME = "golden"
 DROPOUT_SEED = 1234  # torch's generator is seeded with this right before each train-mode forward
@@ -23,19 +23,19 @@ DROPOUT_SEED = 1234  # torch's generator is seeded with this right before each t
 
 def config_kwargs(family: str) -> dict:
     if family == "bert":
-        return dict(SIZES, type_vocab_size=2, pad_token_id=0, max_position_embeddings=32)
-    return dict(SIZES, type_vocab_size=1, pad_token_id=1, max_position_embeddings=34)  # positions start at pad + 1
+        return dict(SIZES, type_vocab_size=2, pad_token_id=0, max_position_embeddings=16)
+    return dict(SIZES, type_vocab_size=1, pad_token_id=1, max_position_embeddings=18)  # positions start at pad + 1
 
 
 def build_base(family: str, kwargs: dict | None = None, seed: int = 0):
-    """A random-weight BertModel / RobertaModel (no download)."""
+    """A random-weight BertModel / RobertaModel without a pooler (no download)."""
     from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
     kwargs = config_kwargs(family) if kwargs is None else kwargs
     config_cls, model_cls = (BertConfig, BertModel) if family == "bert" else (RobertaConfig, RobertaModel)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return model_cls(config_cls(**kwargs))
+        return model_cls(config_cls(**kwargs), add_pooling_layer=False)
 
 
 def make_inputs(family: str, seed: int = 7) -> dict:

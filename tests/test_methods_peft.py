@@ -8,7 +8,7 @@ from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from sam_peft.engine import eligible_names
 from sam_peft.methods import build_method, validate_method_options
-from sam_peft.methods.lora import DEFAULT_TARGETS, targeted
+from sam_peft.methods.lora import DEFAULT_TARGETS, resolve_targets, targeted
 from sam_peft.model import TaskModel
 from sam_peft.tasks import get_task
 
@@ -92,13 +92,43 @@ def test_lora_wraps_exactly_the_paper_six_per_layer():
             assert m.scaling == 16 / 4 and not m.merge_weights
 
 
-def test_lora_target_names():
-    assert targeted("encoder.layer.3.attention.self.query", DEFAULT_TARGETS)
+def test_lora_target_paths():
+    assert targeted("encoder.layer.3.attention.self.query", ["query"])
     assert targeted("encoder.layer.3.output.dense", ["output.dense"])
     assert not targeted("encoder.layer.3.attention.output.dense", ["output.dense"])
     assert targeted("encoder.layer.3.attention.output.dense", ["attention.output.dense"])
-    assert not targeted("pooler.dense", DEFAULT_TARGETS)
+    assert targeted("layers.1.attn.Wqkv", ["attn.Wqkv"])  # ModernBERT's `layers`
+    assert not targeted("pooler.dense", ["query", "output.dense"])  # the pooler is outside the layers
     assert targeted("pooler.dense", ["pooler.dense"])
+
+
+def test_lora_roles_and_paths_resolve_to_the_same_modules():
+    """The default roles are the six Linears of every BERT layer; old-style paths still work, and
+    a role and a path naming one module wrap it once."""
+    model = task_model("bert")
+    by_role = resolve_targets(model.encoder, DEFAULT_TARGETS)
+    by_path = resolve_targets(model.encoder, ["query", "key", "value", "attention.output.dense",
+                                              "intermediate.dense", "output.dense"])
+    every_layer_linear = [n for n, m in model.encoder.named_modules()
+                          if type(m) is torch.nn.Linear and n.startswith("encoder.layer.")]
+    assert by_role == by_path == every_layer_linear and len(by_role) == 6 * 2
+    assert resolve_targets(model.encoder, ["query", "attention.self.query", "pooler.dense"]) == [
+        "encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query", "pooler.dense"]
+
+
+def test_lora_roles_on_an_unknown_architecture_are_a_user_error():
+    from util import HandEncoder
+
+    from sam_peft.errors import UserError
+
+    model = TaskModel(HandEncoder(), get_task("rte"))
+    with pytest.raises(UserError, match=r"^method\.targets: role 'query' .*model type 'None' has no module-role "
+                                        r"table \(supported: bert, deberta-v2, distilbert, electra, modernbert, "
+                                        r"mpnet, roberta, xlm-roberta\)$"):
+        build_method(validate_method_options({"name": "lora"})).wrap(model)
+    # A module path works on any model.
+    build_method(validate_method_options({"name": "lora", "targets": ["dense"]})).wrap(model)
+    assert hasattr(model.encoder.dense, "lora_A")
 
 
 def test_lora_eval_mode_never_merges_into_the_pretrained_weight():
@@ -157,8 +187,10 @@ def test_lora_without_matching_target_is_a_user_error():
     from sam_peft.errors import UserError
 
     model = task_model("roberta")
-    with pytest.raises(UserError, match="targets"):
-        build_method(validate_method_options({"name": "lora", "targets": ["q_lin"]})).wrap(model)
+    with pytest.raises(UserError, match=r"^method\.targets: 'q_lin' matches no Linear module of the encoder "
+                                        r"\(model type 'roberta'\)$"):
+        build_method(validate_method_options({"name": "lora", "targets": ["query", "q_lin"]})).wrap(model)
+    assert not any(hasattr(m, "lora_A") for m in model.modules())  # nothing wrapped half-way
 
 
 def test_fused_lora_forward_equals_loralib_forward_and_gradients():
