@@ -2,6 +2,8 @@
 model's outputs unchanged, on RoBERTa and BERT encoders), the pretrained weights untouched
 by training, which tensors train, and LoRA's target matching."""
 
+import copy
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
@@ -172,6 +174,36 @@ def test_adapter_layernorm_needs_eligible_layernorm():
 
     with pytest.raises(ConfigKeyError, match="train_layernorm"):
         validate_method_options({"name": "adapter", "train_layernorm": True, "layernorm": False})
+
+
+@pytest.mark.parametrize("config", ["pfeiffer", "houlsby"])
+def test_adapter_wrap_is_deterministic_and_a_deep_copy_has_its_own_adapters(config):
+    """wrap() draws from torch's generator only: the same seed gives the same adapters. A deep copy
+    of a wrapped model runs its own adapters (the hooks are copied with the modules they use)."""
+    from sam_peft.methods.adapter import adapter_param_names
+
+    method = build_method(validate_method_options({"name": "adapter", "config": config}))
+    models = []
+    for seed in (3, 3, 4):
+        model = task_model("bert")
+        torch.manual_seed(seed)
+        method.wrap(model)
+        models.append(model)
+    names = adapter_param_names(models[0])
+    assert len(names) == 2 * 4 * (1 if config == "pfeiffer" else 2)
+    params = [dict(m.named_parameters()) for m in models]
+    assert all(torch.equal(params[0][n], params[1][n]) for n in names)
+    assert not any(torch.equal(params[0][n], params[2][n]) for n in names if n.endswith("weight"))
+
+    original = models[0]
+    before = outputs(original)[2]
+    twin = copy.deepcopy(original)
+    assert torch.equal(outputs(twin)[2], before)
+    with torch.no_grad():
+        for n in adapter_param_names(twin):
+            dict(twin.named_parameters())[n].mul_(3.0)
+    assert not torch.equal(outputs(twin)[2], before)  # the copy's hooks use the copy's adapters
+    assert torch.equal(outputs(original)[2], before)  # and leave the original's alone
 
 
 def test_adapter_zero_init_is_replaced_by_init():
