@@ -1,6 +1,7 @@
 """Shared by the adapter parity test, the golden-output test and the script that writes the golden
-file: tiny BERT/RoBERTa bases, the `adapters` library's wrap and its parameter names mapped to
-ours, and one forward/backward pass that records outputs and gradients."""
+file: tiny random-weight bases (BERT and RoBERTa for the golden file; every family the library
+supports among ours for the parity test), the `adapters` library's wrap and its parameter names
+mapped to ours, and one forward/backward pass that records outputs and gradients."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from torch import nn
 from sam_peft.methods import build_method, validate_method_options
 from sam_peft.methods.adapter import adapter_param_names
 
-FAMILIES = ("bert", "roberta")
+FAMILIES = ("bert", "roberta")  # the golden file's
+LIBRARY_FAMILIES = FAMILIES + ("xlm-roberta", "electra", "deberta-v2", "distilbert")  # what adapters 1.3.0 supports
 LIBRARY_CONFIGS = {"pfeiffer": "SeqBnConfig", "houlsby": "DoubleSeqBnConfig"}
 REDUCTION = 4
 SIZES = dict(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
@@ -22,20 +24,34 @@ DROPOUT_SEED = 1234  # torch's generator is seeded with this right before each t
 
 
 def config_kwargs(family: str) -> dict:
-    if family == "bert":
+    if family in ("bert", "electra"):
         return dict(SIZES, type_vocab_size=2, pad_token_id=0, max_position_embeddings=16)
-    return dict(SIZES, type_vocab_size=1, pad_token_id=1, max_position_embeddings=18)  # positions start at pad + 1
+    if family in ("roberta", "xlm-roberta"):
+        return dict(SIZES, type_vocab_size=1, pad_token_id=1, max_position_embeddings=18)  # positions start at pad + 1
+    if family == "deberta-v2":  # DeBERTa-v3's layout
+        return dict(SIZES, type_vocab_size=0, pad_token_id=0, max_position_embeddings=16, relative_attention=True,
+                    pos_att_type=["p2c", "c2p"], share_att_key=True, position_biased_input=False, position_buckets=8,
+                    norm_rel_ebd="layer_norm")
+    if family == "distilbert":
+        return dict(vocab_size=SIZES["vocab_size"], dim=SIZES["hidden_size"], n_layers=SIZES["num_hidden_layers"],
+                    n_heads=SIZES["num_attention_heads"], hidden_dim=SIZES["intermediate_size"],
+                    dropout=SIZES["hidden_dropout_prob"], attention_dropout=SIZES["attention_probs_dropout_prob"],
+                    pad_token_id=0, max_position_embeddings=16)
+    raise ValueError(family)
 
 
 def build_base(family: str, kwargs: dict | None = None, seed: int = 0):
-    """A random-weight BertModel / RobertaModel without a pooler (no download)."""
-    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+    """A random-weight encoder of that family, without a pooler (no download)."""
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel, RobertaConfig, RobertaModel
 
     kwargs = config_kwargs(family) if kwargs is None else kwargs
-    config_cls, model_cls = (BertConfig, BertModel) if family == "bert" else (RobertaConfig, RobertaModel)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return model_cls(config_cls(**kwargs), add_pooling_layer=False)
+        if family in FAMILIES:
+            config_cls, model_cls = (BertConfig, BertModel) if family == "bert" else (RobertaConfig, RobertaModel)
+            return model_cls(config_cls(**kwargs), add_pooling_layer=False)
+        no_pooler = {"add_pooling_layer": False} if family == "xlm-roberta" else {}  # the others have none
+        return AutoModel.from_config(AutoConfig.for_model(family, **kwargs), **no_pooler)
 
 
 def make_inputs(family: str, seed: int = 7) -> dict:
@@ -45,7 +61,7 @@ def make_inputs(family: str, seed: int = 7) -> dict:
     mask[1, 5:] = 0  # padding in one row
     inputs = {"input_ids": ids, "attention_mask": mask,
               "loss_weight": torch.randn(2, 8, SIZES["hidden_size"], generator=g)}
-    if family == "bert":
+    if config_kwargs(family).get("type_vocab_size", 0) > 1:
         types = torch.zeros_like(ids)
         types[:, 4:] = 1
         inputs["token_type_ids"] = types
@@ -88,8 +104,11 @@ def library_wrap(encoder, config: str, seed: int, reduction: int = REDUCTION) ->
     encoder.add_adapter(ADAPTER_NAME, config=cfg, set_active=True)
 
 
-_LIBRARY_NAME = re.compile(r"^(?P<layer>.+\.layer\.\d+)\.(?P<where>attention\.output|output)\.adapters\."
-                           + ADAPTER_NAME + r"\.(?P<proj>adapter_down\.0|adapter_up)\.(?P<kind>weight|bias)$")
+# The library's adapters sit in `attention.output` / `output` (BERT's layer, DeBERTa-v2's) or in
+# `attention_adapters` / `output_adapters` (DistilBERT's).
+_LIBRARY_NAME = re.compile(r"^(?P<layer>.+\.layer\.\d+)\.(?P<where>attention\.output|attention_adapters|output"
+                           r"|output_adapters)\.adapters\." + ADAPTER_NAME
+                           + r"\.(?P<proj>adapter_down\.0|adapter_up)\.(?P<kind>weight|bias)$")
 
 
 def library_adapter_params(encoder) -> dict[str, nn.Parameter]:
@@ -102,7 +121,7 @@ def library_adapter_params(encoder) -> dict[str, nn.Parameter]:
         m = _LIBRARY_NAME.match(name)
         if m is None:
             raise AssertionError(f"unexpected library adapter parameter {name}")
-        block = "attention" if m["where"] == "attention.output" else "ffn"
+        block = "attention" if m["where"].startswith("attention") else "ffn"
         proj = "down" if m["proj"].startswith("adapter_down") else "up"
         out[f"{m['layer']}.adapter_{block}.{proj}.{m['kind']}"] = p
     return out

@@ -2,9 +2,11 @@
 
 The pretrained encoder stays frozen; the adapters and the task head train. The adapters are the
 project's own small modules, placed through the architecture table (sam_peft/arch.py), so they
-work on every supported encoder. On BERT and RoBERTa they compute what the `adapters` library
-(1.3.0) computes, to float32 round-off or exactly (tests/test_adapter_parity.py,
-tests/test_adapter_golden.py); that library is not needed at run time.
+work on every supported encoder. They compute what the `adapters` library (1.3.0) computes: bit for
+bit, outputs and gradients, on every family both support (BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa-v2,
+DistilBERT; tests/test_adapter_parity.py), and against its stored results on BERT and RoBERTa in
+every environment (tests/test_adapter_golden.py). That library is not needed at run time. MPNet
+and ModernBERT, which it does not support, get the same arithmetic at their blocks.
 
 A residual block of a layer (attention or feed-forward) computes h, its output after its dropout,
 then LayerNorm(h + r) with the residual stream r (in pre-LayerNorm layers, r + h). An adapter
