@@ -2,11 +2,15 @@
 
 The pretrained encoder stays frozen; the adapters and the task head train. The adapters are the
 project's own small modules, placed through the architecture table (sam_peft/arch.py), so they
-work on every supported encoder. They compute what the `adapters` library (1.3.0) computes: bit for
-bit, outputs and gradients, on every family both support (BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa-v2,
-DistilBERT; tests/test_adapter_parity.py), and against its stored results on BERT and RoBERTa in
-every environment (tests/test_adapter_golden.py). That library is not needed at run time. MPNet
-and ModernBERT, which it does not support, get the same arithmetic at their blocks.
+work on every supported encoder. They compute what the `adapters` library (1.3.0) computes:
+- bit for bit, initial weights, outputs and gradients, in eval and train mode, on every family
+  both support (BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa-v2, DistilBERT), when both run on the same
+  encoder code (tests/test_adapter_parity.py);
+- against the library's stored results on BERT and RoBERTa, in every environment, with
+  transformers' own encoder code (tests/test_adapter_golden.py): the library runs its own copy of
+  the attention code, which in train mode can differ from transformers' by float32 round-off.
+That library is not needed at run time. MPNet and ModernBERT, which it does not support, get the
+same arithmetic at their blocks.
 
 A residual block of a layer (attention or feed-forward) computes h, its output after its dropout,
 then LayerNorm(h + r) with the residual stream r (in pre-LayerNorm layers, r + h). An adapter
@@ -27,8 +31,8 @@ Options:
 - `init: bert` (default): AdapterHub's default initialisation (`init_weights="bert"`): both
   projections' weights from N(0, 0.02), biases zero. The paper's authors used the library with its
   defaults, so this is what they trained from. Each adapter draws from torch's global generator
-  in the library's order (down then up, layer by layer, attention before feed-forward), so a
-  given seed gives the library's very weights; the engine seeds before `wrap`.
+  in the library's order (down then up, layer by layer, attention before feed-forward), so the
+  same generator state gives the library's very weights; the engine seeds before `wrap`.
 - `init: zero`: the same, then the up-projection (weight and bias) zeroed, so that the wrapped
   model computes exactly what the pretrained one does at step 0 (the paper's "equivalent
   model"); this was the default before `init` replaced `zero_init` (`zero_init: true` is
