@@ -21,7 +21,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from adapter_reference import FAMILIES, LIBRARY_CONFIGS, build_base, forward_backward, native_adapter_params, native_wrap
+from adapter_reference import (
+    FAMILIES,
+    LIBRARY_CONFIGS,
+    build_base,
+    forward_backward,
+    native_adapter_params,
+    native_wrap,
+)
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "adapter_golden.safetensors"
 RTOL, ATOL = 1e-6, 1e-7

@@ -101,7 +101,7 @@ class Bottleneck(nn.Module):
                 linear.weight.normal_(mean=0.0, std=INIT_STD)
                 linear.bias.zero_()
             if init == "zero":
-                self.up.weight.zero_()
+                self.up.weight.zero_()  # (its bias is 0 already)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(_ACTIVATIONS[self.activation](self.down(x)))

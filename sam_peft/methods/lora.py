@@ -65,12 +65,13 @@ def targeted(module_name: str, targets: list[str]) -> bool:
 def resolve_targets(encoder: nn.Module, targets: list[str]) -> list[str]:
     """The paths (inside the encoder) of the Linear modules that `targets` name, in model order."""
     linears = [name for name, mod in encoder.named_modules() if type(mod) is nn.Linear]
+    is_linear = set(linears)
     chosen: set[str] = set()
     for target in targets:
         if target in ROLES:
             arch = architecture_of(encoder, f"method.targets: role '{target}' (module paths work on any model)")
             found = [f"{path}.{arch.roles[target]}" for path, _ in layers_of(encoder, arch)]
-            absent = [path for path in found if path not in set(linears)]
+            absent = [path for path in found if path not in is_linear]
             if absent:
                 raise UserError(f"method.targets: role '{target}' is '{arch.roles[target]}', which is not a Linear "
                                 f"module of this {model_type(encoder)} encoder ('{absent[0]}')")
