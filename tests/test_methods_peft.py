@@ -2,13 +2,15 @@
 model's outputs unchanged, on RoBERTa and BERT encoders), the pretrained weights untouched
 by training, which tensors train, and LoRA's target matching."""
 
+import copy
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from sam_peft.engine import eligible_names
 from sam_peft.methods import build_method, validate_method_options
-from sam_peft.methods.lora import DEFAULT_TARGETS, targeted
+from sam_peft.methods.lora import DEFAULT_TARGETS, resolve_targets, targeted
 from sam_peft.model import TaskModel
 from sam_peft.tasks import get_task
 
@@ -47,8 +49,8 @@ def wrapped(family: str, method: dict) -> tuple[TaskModel, TaskModel]:
 
 @pytest.mark.parametrize("family", ["roberta", "bert"])
 @pytest.mark.parametrize("method", [
-    {"name": "adapter", "config": "pfeiffer"},
-    {"name": "adapter", "config": "houlsby"},
+    {"name": "adapter", "config": "pfeiffer", "init": "zero"},
+    {"name": "adapter", "config": "houlsby", "init": "zero"},
     {"name": "lora"},
 ], ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_zero_initialised_outputs_give_the_equivalent_model(family, method):
@@ -61,7 +63,7 @@ def test_zero_initialised_outputs_give_the_equivalent_model(family, method):
 
 @pytest.mark.parametrize("family", ["roberta", "bert"])
 @pytest.mark.parametrize("method", [
-    {"name": "adapter", "zero_init": False},
+    {"name": "adapter", "init": "bert"},
     {"name": "lora", "b_init": "kaiming"},
 ], ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_non_zero_init_changes_the_outputs(family, method):
@@ -92,13 +94,43 @@ def test_lora_wraps_exactly_the_paper_six_per_layer():
             assert m.scaling == 16 / 4 and not m.merge_weights
 
 
-def test_lora_target_names():
-    assert targeted("encoder.layer.3.attention.self.query", DEFAULT_TARGETS)
+def test_lora_target_paths():
+    assert targeted("encoder.layer.3.attention.self.query", ["query"])
     assert targeted("encoder.layer.3.output.dense", ["output.dense"])
     assert not targeted("encoder.layer.3.attention.output.dense", ["output.dense"])
     assert targeted("encoder.layer.3.attention.output.dense", ["attention.output.dense"])
-    assert not targeted("pooler.dense", DEFAULT_TARGETS)
+    assert targeted("layers.1.attn.Wqkv", ["attn.Wqkv"])  # ModernBERT's `layers`
+    assert not targeted("pooler.dense", ["query", "output.dense"])  # the pooler is outside the layers
     assert targeted("pooler.dense", ["pooler.dense"])
+
+
+def test_lora_roles_and_paths_resolve_to_the_same_modules():
+    """The default roles are the six Linears of every BERT layer; old-style paths still work, and
+    a role and a path naming one module wrap it once."""
+    model = task_model("bert")
+    by_role = resolve_targets(model.encoder, DEFAULT_TARGETS)
+    by_path = resolve_targets(model.encoder, ["query", "key", "value", "attention.output.dense",
+                                              "intermediate.dense", "output.dense"])
+    every_layer_linear = [n for n, m in model.encoder.named_modules()
+                          if type(m) is torch.nn.Linear and n.startswith("encoder.layer.")]
+    assert by_role == by_path == every_layer_linear and len(by_role) == 6 * 2
+    assert resolve_targets(model.encoder, ["query", "attention.self.query", "pooler.dense"]) == [
+        "encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query", "pooler.dense"]
+
+
+def test_lora_roles_on_an_unknown_architecture_are_a_user_error():
+    from util import HandEncoder
+
+    from sam_peft.errors import UserError
+
+    model = TaskModel(HandEncoder(), get_task("rte"))
+    with pytest.raises(UserError, match=r"^method\.targets: role 'query' .*model type 'None' has no module-role "
+                                        r"table \(supported: bert, deberta-v2, distilbert, electra, modernbert, "
+                                        r"mpnet, roberta, xlm-roberta\)$"):
+        build_method(validate_method_options({"name": "lora"})).wrap(model)
+    # A module path works on any model.
+    build_method(validate_method_options({"name": "lora", "targets": ["dense"]})).wrap(model)
+    assert hasattr(model.encoder.dense, "lora_A")
 
 
 def test_lora_eval_mode_never_merges_into_the_pretrained_weight():
@@ -110,10 +142,11 @@ def test_lora_eval_mode_never_merges_into_the_pretrained_weight():
 
 
 @pytest.mark.parametrize("method,trains", [
-    ({"name": "adapter"}, lambda n: ".adapters.peft." in n),
-    ({"name": "adapter", "train_layernorm": True}, lambda n: ".adapters.peft." in n or "LayerNorm" in n),
+    ({"name": "adapter"}, lambda n: ".adapter_ffn." in n),
+    ({"name": "adapter", "config": "houlsby", "train_layernorm": True},
+     lambda n: ".adapter_attention." in n or ".adapter_ffn." in n or "LayerNorm" in n),
     ({"name": "lora"}, lambda n: n.endswith((".lora_A", ".lora_B"))),
-], ids=["adapter", "adapter-layernorm", "lora"])
+], ids=["adapter", "adapter-houlsby-layernorm", "lora"])
 def test_plan_trains_added_modules_and_head_only(method, trains):
     """On a real (tiny) encoder through the engine: what trains, and theta0 stays put."""
     from sam_peft.engine import Trainer
@@ -143,12 +176,53 @@ def test_adapter_layernorm_needs_eligible_layernorm():
         validate_method_options({"name": "adapter", "train_layernorm": True, "layernorm": False})
 
 
+@pytest.mark.parametrize("config", ["pfeiffer", "houlsby"])
+def test_adapter_wrap_is_deterministic_and_a_deep_copy_has_its_own_adapters(config):
+    """wrap() draws from torch's generator only: the same seed gives the same adapters. A deep copy
+    of a wrapped model runs its own adapters (the hooks are copied with the modules they use)."""
+    from sam_peft.methods.adapter import adapter_param_names
+
+    method = build_method(validate_method_options({"name": "adapter", "config": config}))
+    models = []
+    for seed in (3, 3, 4):
+        model = task_model("bert")
+        torch.manual_seed(seed)
+        method.wrap(model)
+        models.append(model)
+    names = adapter_param_names(models[0])
+    assert len(names) == 2 * 4 * (1 if config == "pfeiffer" else 2)
+    params = [dict(m.named_parameters()) for m in models]
+    assert all(torch.equal(params[0][n], params[1][n]) for n in names)
+    assert not any(torch.equal(params[0][n], params[2][n]) for n in names if n.endswith("weight"))
+
+    original = models[0]
+    before = outputs(original)[2]
+    twin = copy.deepcopy(original)
+    assert torch.equal(outputs(twin)[2], before)
+    with torch.no_grad():
+        for n in adapter_param_names(twin):
+            dict(twin.named_parameters())[n].mul_(3.0)
+    assert not torch.equal(outputs(twin)[2], before)  # the copy's hooks use the copy's adapters
+    assert torch.equal(outputs(original)[2], before)  # and leave the original's alone
+
+
+def test_adapter_zero_init_is_replaced_by_init():
+    from sam_peft.errors import ConfigKeyError
+
+    with pytest.raises(ConfigKeyError, match=r"^method\.zero_init: .*replaced by 'init'.*init: zero") as err:
+        validate_method_options({"name": "adapter", "zero_init": True})
+    assert "\n" not in str(err.value)
+    assert "zero_init" not in validate_method_options({"name": "adapter"})  # not in resolved configs
+
+
 def test_lora_without_matching_target_is_a_user_error():
     from sam_peft.errors import UserError
 
     model = task_model("roberta")
-    with pytest.raises(UserError, match="targets"):
-        build_method(validate_method_options({"name": "lora", "targets": ["q_lin"]})).wrap(model)
+    with pytest.raises(UserError, match=r"^method\.targets: 'q_lin' matches no Linear module of the encoder "
+                                        r"\(model type 'roberta'\)$"):
+        build_method(validate_method_options({"name": "lora", "targets": ["query", "q_lin"]})).wrap(model)
+    assert not any(hasattr(m, "lora_A") for m in model.modules())  # nothing wrapped half-way
 
 
 def test_fused_lora_forward_equals_loralib_forward_and_gradients():

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from sam_peft import delta as delta_lib
 from sam_peft import run as run_lib
 from sam_peft.config import build_config
+from sam_peft.methods.adapter import adapter_param_names
 from sam_peft.params import head_names, in_numbered_layer, layernorm_names
 from sam_peft.selection import budget
 
@@ -72,7 +73,7 @@ def test_one_run(method, tmp_path):
     name = method["name"]
     if name in ("adapter", "lora"):
         if name == "adapter":
-            added = [n for n in params0 if ".adapters.peft." in n]
+            added = adapter_param_names(fresh.model)
             norms = [n for n in fresh.eligible if n in layernorm_names(fresh.model)]
             norms = norms if method.get("train_layernorm") else []
         else:

@@ -11,11 +11,17 @@ Options:
   lora_alpha = 1 (scaling 1/r) and B re-initialised like A (Kaiming uniform); it sets `alpha` 1
   and `b_init` kaiming (naming other values of those with it is an error). Table 1 uses the
   default (`variant: standard`).
-- `targets`: which Linear modules. A target is a module's path inside its transformer layer
-  (`attention.output.dense`, `output.dense`, `intermediate.dense`) or its last name alone
-  (`query`). The default is the paper's six: query, key, value, attention output, intermediate
-  and output dense layers (the same names in RoBERTa and BERT). Modules outside the numbered
-  layers (the pooler) are matched by their whole path in the encoder.
+- `targets`: which Linear modules, by role or by path. The default is the paper's six roles:
+  `query`, `key`, `value`, `attention_output`, `intermediate`, `output`. A role is resolved per
+  architecture through the table in sam_peft/arch.py (BERT's `attention.self.query`, MPNet's
+  `attention.attn.q`, DeBERTa's `attention.self.query_proj`, DistilBERT's `attention.q_lin`, ...),
+  in every layer. Where the architecture fuses roles into one Linear (ModernBERT's `attn.Wqkv`
+  for query, key and value; `mlp.Wi` for the gated unit's gate and up projections), the role
+  names that Linear and it gets one LoRA, whichever of its roles asked for it. Any other target
+  is a module path, as before: a path inside each transformer layer (`attention.output.dense`), a
+  module's last name alone (`q_lin`), or for modules outside the layers (the pooler) the whole
+  path inside the encoder (`pooler.dense`); paths work on any architecture, roles need the table.
+  A target that matches no Linear module is a UserError naming it and the model type.
 - `b_init: zeros` (default; Hu et al.): B = 0, so the wrapped model equals the pretrained one
   at step 0. `b_init: kaiming` reproduces the authors' code, which re-initialised B the way
   loralib initialises A (Kaiming uniform, a = sqrt(5)).
@@ -33,12 +39,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from sam_peft.arch import ROLES, architecture_of, layers_of, model_type
 from sam_peft.errors import UserError
 from sam_peft.methods import register_method
 from sam_peft.methods.base import Method, MethodOptions, TrainPlan
 
-DEFAULT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-_IN_LAYER = re.compile(r"(?:^|\.)layer\.\d+\.(.+)$")
+DEFAULT_TARGETS = list(ROLES)
+_IN_LAYER = re.compile(r"(?:^|\.)layers?\.\d+\.(.+)$")
 
 
 class LoRAOptions(MethodOptions):
@@ -61,11 +68,34 @@ class LoRAOptions(MethodOptions):
 
 
 def targeted(module_name: str, targets: list[str]) -> bool:
-    """Whether a module (path inside the encoder) is one of `targets` (see the module docstring)."""
+    """Whether a module (path inside the encoder) is one of `targets` given as module paths (see the
+    module docstring; roles are resolved by `resolve_targets`)."""
     m = _IN_LAYER.search(module_name)
     local = m.group(1) if m else module_name
     last = local.rsplit(".", 1)[-1]
     return any(local == t or ("." not in t and last == t) for t in targets)
+
+
+def resolve_targets(encoder: nn.Module, targets: list[str]) -> list[str]:
+    """The paths (inside the encoder) of the Linear modules that `targets` name, in model order."""
+    linears = [name for name, mod in encoder.named_modules() if type(mod) is nn.Linear]
+    is_linear = set(linears)
+    chosen: set[str] = set()
+    for target in targets:
+        if target in ROLES:
+            arch = architecture_of(encoder, f"method.targets: role '{target}' (module paths work on any model)")
+            found = [f"{path}.{arch.roles[target]}" for path, _ in layers_of(encoder, arch)]
+            absent = [path for path in found if path not in is_linear]
+            if absent:
+                raise UserError(f"method.targets: role '{target}' is '{arch.roles[target]}', which is not a Linear "
+                                f"module of this {model_type(encoder)} encoder ('{absent[0]}')")
+        else:
+            found = [name for name in linears if targeted(name, [target])]
+        if not found:
+            raise UserError(f"method.targets: '{target}' matches no Linear module of the encoder "
+                            f"(model type '{model_type(encoder)}')")
+        chosen.update(found)
+    return [name for name in linears if name in chosen]
 
 
 def lora_param_names(model) -> list[str]:
@@ -107,11 +137,8 @@ class LoRA(Method):
     def wrap(self, model) -> None:
         linear = lora_linear_class()
         encoder = model.encoder
-        chosen = [(name, mod) for name, mod in encoder.named_modules()
-                  if type(mod) is nn.Linear and targeted(name, self.opts.targets)]
-        if not chosen:
-            raise UserError(f"method.targets: no Linear module of the encoder matches {self.opts.targets}")
-        for name, old in chosen:
+        for name in resolve_targets(encoder, self.opts.targets):
+            old = encoder.get_submodule(name)
             new = linear(old.in_features, old.out_features, r=self.opts.r, lora_alpha=self.opts.alpha,
                                  lora_dropout=self.opts.dropout, merge_weights=False, bias=old.bias is not None,
                                  device=old.weight.device, dtype=old.weight.dtype)
