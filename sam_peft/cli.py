@@ -73,6 +73,8 @@ def _cmd_sweep(args) -> int:
     workers = positive_int(args.workers, "--workers")
     runs_per_gpu = positive_int(args.runs_per_gpu, "--runs-per-gpu")
     sweep = load_sweep(args.config, args.overrides)  # validates every run; writes nothing
+    for notice in sweep.notices:
+        print(f"sam-peft: note: {notice}", file=sys.stderr)
     if args.dry_run:
         print("\n".join(describe(sweep)))
         return 0
@@ -93,12 +95,12 @@ def _cmd_status(args) -> int:
 def _write_or_print(text: str, out: str | None) -> None:
     from pathlib import Path
 
-    from sam_peft.io import atomic_write_text
+    from sam_peft.io import atomic_write_text, make_folder
 
     if out is None:
         sys.stdout.write(text)
         return
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    make_folder(Path(out).parent)
     atomic_write_text(out, text)
     print(f"wrote {out}")
 

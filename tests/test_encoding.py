@@ -13,7 +13,7 @@ from sam_peft.data import Example, collate, demo_data_dir, encode, load_splits
 from sam_peft.errors import UserError
 from sam_peft.tasks import get_task
 
-PAPER_SPLITS = Path("/work/shared/data/paper_splits")
+from util import PAPER_SPLITS  # noqa: E402
 
 # Records of the paper's WSC files whose span_text is not what text.split() holds at the
 # span index (case-only differences, which are many, are not listed). The encoding follows

@@ -16,7 +16,7 @@ from sam_peft import prepare
 from sam_peft.errors import UserError
 from sam_peft.prepare import prepare_data
 
-PAPER_SPLITS = Path("/work/shared/data/paper_splits")
+from util import PAPER_SPLITS  # noqa: E402
 needs_paper_splits = pytest.mark.skipif(
     not (PAPER_SPLITS / "data").is_dir(), reason="paper_splits mirror not on this machine"
 )

@@ -244,7 +244,9 @@ def test_shipped_run_configs_validate(name):
 @pytest.mark.parametrize("name, count", PAPER_SWEEPS)
 def test_paper_sweeps_expand(name, count, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # their output_dir is relative; a dry run must not touch it anyway
-    assert cli.main(["sweep", str(CONFIGS / name), "--dry-run"]) == 0
+    # Run ids identify the data by content, so the plan needs data: the built-in data has every
+    # task in the same layout (a stand-in for the data the config names).
+    assert cli.main(["sweep", str(CONFIGS / name), "data_dir=demo", "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"{count} runs ")
     assert not (tmp_path / "results").exists()
 

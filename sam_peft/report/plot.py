@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
 from sam_peft.errors import UserError
+from sam_peft.io import atomic_path, make_folder
 from sam_peft.report.names import method_display, task_display
 from sam_peft.report.results import Results, load_results, read_json, read_jsonl
 from sam_peft.report.table import AVG, build_table, mean_std
@@ -47,13 +47,11 @@ def _save(fig, path: str | Path) -> None:
     """Write the figure whole or not at all (temporary name, then rename)."""
     fmt = check_output(path)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
+        make_folder(path.parent)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
     finally:
-        tmp.unlink(missing_ok=True)
         _pyplot().close(fig)
 
 
