@@ -546,9 +546,11 @@ def run_sweep(sweep: Sweep, progress: bool = True, executor: Callable | None = N
             log(f"  failed {o.run_id}: {o.reason}")
     for r in old_failed:
         log(f"  failed earlier {r.run_id}")
-    # The exit status covers the whole sweep: failures of this process, earlier ones, and those
-    # of a concurrent sweep that ran some of these runs.
-    return 1 if any(current_status(r.run_dir, r.run_id) == "failed" for r in sweep.runs) else 0
+    # The exit status covers the whole sweep: failures of this process (also one whose result.json
+    # could not say so, the disk being full), earlier ones, and those of a concurrent sweep that ran
+    # some of these runs.
+    failed_now = any(o.status == "failed" for o in outcomes)
+    return 1 if failed_now or any(current_status(r.run_dir, r.run_id) == "failed" for r in sweep.runs) else 0
 
 
 def _busy_now(sweep: Sweep, outcomes) -> dict[str, int]:

@@ -434,3 +434,20 @@ def test_out_is_a_file(tmp_path):
     target.write_text("x")
     with pytest.raises(UserError, match="exists and is not a directory"):
         prepare_data(target, progress=False)
+
+
+def test_a_failed_prepare_leaves_no_empty_folders(tiny_mirror, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "RETRY_WAIT_S", 0.0)
+    (tiny_mirror / "data" / "cb" / "train.jsonl").unlink()  # the first download fails
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="download failed"):
+        prepare_data(out, tasks=["cb"], base_url=str(tiny_mirror), progress=False)
+    assert not out.exists()
+    # a folder that was there before stays, and so do files already verified
+    out.mkdir()
+    (tiny_mirror / "data" / "cb" / "train.jsonl").write_bytes(TINY_CB["train"])
+    (tiny_mirror / "data" / "cb" / "test.jsonl").unlink()
+    with pytest.raises(UserError, match="download failed"):
+        prepare_data(out, tasks=["cb"], base_url=str(tiny_mirror), progress=False)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["data", "data/cb", "data/cb/train.jsonl",
+                                                                       "data/cb/val.jsonl"]

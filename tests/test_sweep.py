@@ -266,3 +266,24 @@ def test_tiny_sweep_end_to_end_then_table(tmp_path, capsys):
         tests = [r["metrics"]["test"]["major"] for r in results if r["method"] == method]
         assert float(rows[label][1]) == pytest.approx(sum(tests) / 2)
         assert rows[label][3] == "2" and rows[label][4] == "2"  # n and planned
+
+
+def test_a_grid_over_a_method_option_leaves_out_methods_without_it(tmp_path, capsys):
+    """The README's `grid.method.density=[0.01]` on the demo sweep: methods without a density run once,
+    unlabelled by it, with a notice; a key no method has stays an error."""
+    path = write_sweep(tmp_path, tasks=["rte"], methods=["full", {"name": "sam", "burnin_steps": 2}, "bitfit"])
+    sweep = load_sweep(path, ["grid.method.density=[0.01, 0.02]"])
+    assert [(r.label, r.cfg.method.get("density")) for r in sweep.runs] == [
+        ("FullTuning", None), ("SAM density=0.01", 0.01), ("BitFit", None), ("SAM density=0.02", 0.02)]
+    assert sweep.notices == ["grid method.density: full, bitfit have no option 'density'; their runs do not vary it"]
+    assert cli.main(["sweep", str(path), "grid.method.density=[0.01]", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "sam-peft: note: grid method.density: full, bitfit have no option 'density'" in captured.err
+    assert captured.out.splitlines()[-1].startswith("3 runs ")
+    with pytest.raises(UserError, match="unknown key 'method.densty'"):
+        load_sweep(path, ["grid.method.densty=[0.01]"])
+
+
+def test_the_readme_override_example_holds_on_the_demo_sweep(capsys):
+    assert cli.main(["sweep", str(CONFIGS / "demo.yaml"), "grid.method.density=[0.01]", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("210 runs ")
