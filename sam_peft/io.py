@@ -115,8 +115,11 @@ def unwritable_folder_reason(path: str | Path) -> str | None:
         probe = probe.parent
     if not probe.is_dir():
         return f"{probe} is a file, not a folder" if probe == path else f"{probe} is a file, not a folder, so {path} cannot be created"
+    so = "" if probe == path else f", so {path} cannot be created"
+    if hasattr(os, "statvfs") and os.statvfs(probe).f_flag & getattr(os, "ST_RDONLY", 1):
+        return f"{probe} is on a read-only file system{so}"
     if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable by this user" + ("" if probe == path else f", so {path} cannot be created")
+        return f"{probe} is not writable by this user{so}"
     return None
 
 

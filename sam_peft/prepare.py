@@ -132,6 +132,8 @@ def prepare_data(
         raise UserError("base_url: only used with source 'paper' (the hub source reads the Hugging Face hub)")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise UserError(f"seed: {seed!r} is not a whole number in [0, 2^32) (the split seed of --source hub)")
 
     # Folders this call may create; those it created and left empty go again if it fails.
     folders = [out, out / "data", out / "configs", *(out / "data" / task for task in task_list)]

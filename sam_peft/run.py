@@ -277,12 +277,19 @@ def run(cfg: RunConfig, progress: bool = True, force: bool = False, log=print) -
     try:
         return _run(cfg, progress, force, log)
     except Exception as e:
-        record_failed(Path(cfg.output_dir) / run_id(cfg) / "result.json", e, log)
+        try:
+            result_path = Path(cfg.output_dir) / run_id(cfg) / "result.json"
+        except Exception:  # noqa: BLE001 - no run id (e.g. no data): nothing was started
+            result_path = None
+        if result_path is not None:
+            record_failed(result_path, e, log)
         raise
 
 
 def record_failed(result_path: Path, e: BaseException, log, **extra) -> None:
-    """Mark a started run failed with a one-line reason, if its result.json still says running.
+    """Mark the run this process started failed, with a one-line reason: only if its result.json
+    says "running" with this process's pid (bad input found before the start leaves an earlier,
+    interrupted attempt as it was).
 
     Best effort: when even this cannot be written (the disk is still full), the caller's exception
     carries the reason, and the run stays "running" with a free lock, i.e. interrupted."""
@@ -292,7 +299,7 @@ def record_failed(result_path: Path, e: BaseException, log, **extra) -> None:
         result = json.loads(result_path.read_text())
     except (OSError, ValueError):
         return  # not started: nothing was written
-    if not isinstance(result, dict) or result.get("status") != "running":
+    if not isinstance(result, dict) or result.get("status") != "running" or result.get("pid") != os.getpid():
         return
     try:
         atomic_write_json(result_path, {**result, **extra, "status": "failed", "reason": one_line(e)})
@@ -473,9 +480,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested keys as dotted ones: {"train": {"lr": x}} -> {"train.lr": x}."""
     out = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and key != "method":
+        if isinstance(value, dict):
             out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
@@ -487,8 +495,9 @@ def check_delta_belongs(delta_path: Path, meta: dict, cfg: RunConfig, result: di
     seed, method or density, copied in) would load and evaluate without a word.
 
     Its metadata records the run id and the resolved config: the config must agree with the
-    folder's config.yaml on every key both have that changes what a run computes (data_dir is
-    compared through the run id), and the run id with the folder's result.json."""
+    folder's config.yaml on every key both have that changes what a run computes (a key only one has
+    comes from another sam-peft version; data_dir is compared through the run id), and the run id
+    with the folder's result.json."""
     from sam_peft.config import PRESENTATION_KEYS
 
     theirs_id = meta.get("run_id")

@@ -312,3 +312,21 @@ def test_the_summary_says_where_runs_another_process_held_stand_now(tmp_path):
     assert lines[-1] == (f"sweep {sweep.source}: 1 done now, 0 skipped (already done), 0 failed, 1 done by another "
                          "process, 1 failed in another process, 1 interrupted in another process (a rerun resumes "
                          "them)")
+
+
+def test_an_output_dir_on_a_read_only_file_system(tmp_path, capsys):
+    """Read-only binds root too (permission bits do not): one line before any work, nothing written."""
+    disk = tmp_path / "disk"
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("cannot mount a tmpfs here (needs root on Linux)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(yaml.safe_dump({**TINY, "task": "rte", "method": {"name": "bitfit"},
+                                       "output_dir": str(disk / "runs")}))
+        assert cli.main(["run", str(cfg), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"sam-peft: error: output_dir '{disk / 'runs'}': {disk} is on a read-only file system, "
+                       f"so {disk / 'runs'} cannot be created\n")
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -421,6 +421,8 @@ def test_hub_without_datasets_package(monkeypatch, tmp_path):
         ({"tasks": []}, r"^tasks: empty list"),
         ({"source": "kaggle"}, r"^source: unknown source 'kaggle'"),
         ({"source": "hub", "base_url": "http://example.org/"}, r"^base_url: only used with source 'paper'"),
+        ({"source": "hub", "seed": -1}, r"^seed: -1 is not a whole number in \[0, 2\^32\)"),
+        ({"source": "hub", "seed": 2**32}, r"^seed: 4294967296 is not a whole number"),
     ],
 )
 def test_bad_arguments(kwargs, match, tmp_path):
