@@ -207,7 +207,7 @@ def _can_mount_tmpfs(where: Path) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_a_real_full_disk(tmp_path):
+def test_a_real_full_disk(tmp_path, capsys):
     """A 1 MB tmpfs: the plan, configs and results fit, the full method's checkpoints do not. Every run
     fails alone, nothing half-written holds the space, and after the disk grows a rerun finishes."""
     disk = tmp_path / "disk"
@@ -215,11 +215,11 @@ def test_a_real_full_disk(tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root on Linux); the injected faults above cover it")
     try:
         out = disk / "out"
-        sweep = write_sweep(tmp_path / "sweep.yaml", out, methods=["full"])
-        proc = subprocess.run([sys.executable, "-m", "sam_peft.cli", "sweep", str(sweep), "--no-progress"],
-                              capture_output=True, text=True)
-        assert proc.returncode == 1, proc.stderr
-        assert "Traceback" not in proc.stderr
+        short = {**TINY["train"], "max_steps": 4, "eval_every": 2}
+        sweep = write_sweep(tmp_path / "sweep.yaml", out, methods=["full"], train=short)
+        assert cli.main(["sweep", str(sweep), "--no-progress"]) == 1
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.out + captured.err
         results = results_of(out)
         assert len(results) == 2 and {r["status"] for r in results.values()} == {"failed"}
         for rid, r in results.items():
@@ -227,9 +227,7 @@ def test_a_real_full_disk(tmp_path):
         assert not temporaries(out)
         assert sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) < 100_000
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        proc = subprocess.run([sys.executable, "-m", "sam_peft.cli", "sweep", str(sweep), "--no-progress",
-                               "--retry-failed"], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
+        assert cli.main(["sweep", str(sweep), "--no-progress", "--retry-failed"]) == 0
         assert {r["status"] for r in results_of(out).values()} == {"done"}
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
