@@ -19,7 +19,7 @@ from sam_peft.data import (
 from sam_peft.errors import UserError
 from sam_peft.tasks import TASKS, get_task
 
-from util import PAPER_SPLITS  # noqa: E402
+from util import PAPER_SPLITS
 
 # Record counts from the README of the shared data folder (shared/data/README.md).
 PAPER_COUNTS = {

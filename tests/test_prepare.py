@@ -16,7 +16,7 @@ from sam_peft import prepare
 from sam_peft.errors import UserError
 from sam_peft.prepare import prepare_data
 
-from util import PAPER_SPLITS  # noqa: E402
+from util import PAPER_SPLITS
 needs_paper_splits = pytest.mark.skipif(
     not (PAPER_SPLITS / "data").is_dir(), reason="paper_splits mirror not on this machine"
 )
