@@ -73,6 +73,8 @@ def _cmd_sweep(args) -> int:
     workers = positive_int(args.workers, "--workers")
     runs_per_gpu = positive_int(args.runs_per_gpu, "--runs-per-gpu")
     sweep = load_sweep(args.config, args.overrides)  # validates every run; writes nothing
+    for notice in sweep.notices:
+        print(f"sam-peft: note: {notice}", file=sys.stderr)
     if args.dry_run:
         print("\n".join(describe(sweep)))
         return 0
@@ -93,12 +95,12 @@ def _cmd_status(args) -> int:
 def _write_or_print(text: str, out: str | None) -> None:
     from pathlib import Path
 
-    from sam_peft.io import atomic_write_text
+    from sam_peft.io import atomic_write_text, make_folder
 
     if out is None:
         sys.stdout.write(text)
         return
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    make_folder(Path(out).parent)
     atomic_write_text(out, text)
     print(f"wrote {out}")
 
@@ -145,8 +147,16 @@ def _cmd_plot(args) -> int:
         if args.figure == "sparsity":
             plot.plot_sparsity(results, args.output, method=args.method, ddof=args.ddof)
         else:
-            rho, p, n = plot.plot_stability(results, args.output, split=args.split, ddof=args.ddof)
-            print(f"Spearman rho = {rho:.4f}, p = {p:.6g} over {n} (method, task) cells")
+            st = plot.plot_stability(results, args.output, split=args.split, ddof=args.ddof)
+            print(f"Spearman rho = {st.rho:.4f}, p = {st.p:.6g} over {st.n} (method, task) cells; "
+                  f"Kendall tau-b = {st.tau:.4f}, p = {st.tau_p:.6g}; tied ranks within a task: "
+                  f"{st.tied_performance:.0%} of performance, {st.tied_stability:.0%} of stability")
+            if st.ties_dominate:
+                from sam_peft.report.results import warn
+
+                warn("most cells share a rank with another cell of their task (equal means or stds, e.g. runs "
+                     "that all predict one class): Spearman's p-value overstates the evidence; Kendall's tau-b "
+                     "accounts for the ties")
     print(f"wrote {args.output}")
     return 0
 

@@ -11,19 +11,26 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sam_peft.errors import ConfigKeyError, UserError
 
+# Seeds feed torch, numpy and Python generators (and seed + epoch the data order): a 32-bit
+# range fits them all.
+SEED_LIMIT = 2**32
+
 
 class Strict(BaseModel):
-    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+    """Base for config sections: unknown keys are errors, and types are strict: `true` is not 1,
+    2.5 is not a whole number, and `.inf` or `.nan` is not a number anywhere."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class TrainConfig(Strict):
@@ -33,7 +40,7 @@ class TrainConfig(Strict):
     eval_batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # each in [0, 1), as torch's AdamW requires
     adam_eps: float = Field(1e-8, gt=0)
     # Warmup is a proportion of the planned run (max_steps), then linear decay to 0 at max_steps.
     # The authors' code took 10% of a 10,000-epoch horizon; `warmup_steps` reproduces any fixed count.
@@ -59,16 +66,36 @@ class TrainConfig(Strict):
     # The task head's initialisation: torch's nn.Linear default (as jiant's heads), or HF's
     # normal(0, initializer_range) with zero biases.
     head_init: Literal["torch_default", "hf_normal"] = "torch_default"
-    log_every: int = Field(50, ge=0)  # train loss every N steps to train_log.jsonl (0: off)
+    # Train loss every N steps to train_log.jsonl (0: off). None: max(1, min(50, max_steps // 100)),
+    # so that a short run still gets a curve of about 100 points.
+    log_every: int | None = Field(None, ge=0)
     # Save the training state for resuming: "eval" at every evaluation, N every N steps, 0 never.
     checkpoint_every: Annotated[int, Field(ge=0)] | Literal["eval"] = "eval"
     tensorboard: bool = False  # also write curves to <run_dir>/tb
+
+    @field_validator("adam_betas", mode="before")
+    @classmethod
+    def _betas_from_yaml_list(cls, value):
+        return tuple(value) if isinstance(value, list) else value  # YAML has lists, not tuples
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, value):
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _scale_log_every(self):
+        if self.log_every is None:
+            self.log_every = max(1, min(50, self.max_steps // 100))
+        return self
 
 
 class DataConfig(Strict):
     # Table 2 (data perturbation): remove a seeded random fraction of the train split.
     drop_fraction: float = Field(0.0, ge=0, lt=1)
-    drop_seed: int = 0
+    drop_seed: int = Field(0, ge=0, lt=SEED_LIMIT)
 
 
 class RunConfig(Strict):
@@ -76,7 +103,7 @@ class RunConfig(Strict):
     data_dir: str = "data"  # jiant layout; "demo" = the built-in example data
     task: str
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "sam"})
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     label: str | None = None  # display name in tables and plots (default: the method name)
     output_dir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -96,7 +123,11 @@ class RunConfig(Strict):
             get_task(self.task)
         except UserError as e:
             raise ConfigKeyError("task", str(e)) from None
-        self.method = validate_method_options(self.method)
+        given = self.method
+        _check_method_booleans(given)
+        self.method = validate_method_options(given)
+        for key, value in given.items():
+            check_strict_value(f"method.{key}", value, self.method.get(key))
         burnin = method_class(self.method["name"]).Options.model_validate(self.method).training_burnin()
         if burnin >= self.train.max_steps:
             raise ConfigKeyError("method.burnin_steps", f"method.burnin_steps: its {burnin} training steps leave "
@@ -104,7 +135,85 @@ class RunConfig(Strict):
         return self
 
 
+def _takes_bool(annotation) -> bool:
+    if annotation is bool:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    return any(_takes_bool(a) for a in get_args(annotation))
+
+
+def _check_method_booleans(given: dict) -> None:
+    """`density: true` must not reach the method's own (lax) validation, which reads it as 1."""
+    from sam_peft.methods import method_class
+
+    if not isinstance(given.get("name"), str):
+        return
+    try:
+        fields = method_class(given["name"]).Options.model_fields
+    except ConfigKeyError:
+        return  # an unknown method: validate_method_options says so
+    for key, value in given.items():
+        if isinstance(value, bool) and key in fields and not _takes_bool(fields[key].annotation):
+            raise ConfigKeyError(f"method.{key}", f"key 'method.{key}': expected a number, got the boolean "
+                                                  f"{str(value).lower()}")
+
+
+def check_strict_value(key: str, given, validated) -> None:
+    """What Strict does for the run config's own sections, for a method's options (validated by
+    the method's own model): a boolean or a string that became a number, or a number that is
+    not finite, is an error naming the key."""
+    if isinstance(given, (list, tuple)) and isinstance(validated, (list, tuple)):
+        for i, (g, v) in enumerate(zip(given, validated)):
+            check_strict_value(f"{key}.{i}", g, v)
+        return
+    if isinstance(given, bool) and not isinstance(validated, bool):
+        raise ConfigKeyError(key, f"key '{key}': expected a number, got the boolean {str(given).lower()}")
+    if isinstance(given, str) and isinstance(validated, (int, float)) and not isinstance(validated, bool):
+        raise ConfigKeyError(key, f"key '{key}': expected a number, got the string {given!r}")
+    if isinstance(validated, float) and not math.isfinite(validated):
+        raise ConfigKeyError(key, f"key '{key}': expected a finite number, got {validated}")
+
+
 # ---------------------------------------------------------------- loading and overrides
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML for config files and overrides: SafeLoader, but a key given twice in one mapping is an
+    error (plain YAML keeps the last one silently), and `1e-4` is a number as in YAML 1.2 (PyYAML
+    reads an exponent without a decimal point as a string)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` merges; keys written here may override merged ones
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the constructor below reports it
+                if earlier is not key_node:
+                    raise DuplicateKeyError(key, earlier.start_mark, key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    def __init__(self, key, first_mark, mark):
+        super().__init__(None, None, f"key '{key}' is given twice in one mapping (first at line {first_mark.line + 1})",
+                         mark)
+
+
+def load_yaml_text(text: str):
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
@@ -118,8 +227,18 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if not key or any(not part for part in key.split(".")):
             raise UserError(f"override '{item}': empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml_text(raw) if raw.strip() else ""
+        except DuplicateKeyError as e:
+            raise UserError(f"override '{item}': {e.problem.split(' (first')[0]}") from None
+        except yaml.YAMLError as e:
+            # Anything else that is not YAML is meant as a plain string (label=a: b), unless it
+            # opens a list, a mapping or a quote that it never closes.
+            opener = raw.strip()[:1]
+            what = {"[": "list", "{": "mapping", '"': "quoted string", "'": "quoted string"}.get(opener)
+            if what:
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                example = f"; e.g. {key}=[a, b]" if what == "list" else ""
+                raise UserError(f"override '{item}': malformed {what} ({problem}){example}") from None
             value = raw
         out.append((key, value))
     return out
@@ -164,9 +283,19 @@ def read_yaml(path: str | Path) -> tuple[dict, dict[tuple, int]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such config file")
-    text = path.read_text()
     try:
-        tree = yaml.safe_load(text)
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+    try:
+        tree = load_yaml_text(text)
+    except DuplicateKeyError as e:
+        raise UserError(f"{path}:{e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -203,9 +332,10 @@ def locate(loc: tuple, source: str, lines: dict, overrides: dict[str, str] | Non
     (a string), which is how a sweep points each run key back at the sweep file line or the
     command-line override that set it.
     """
-    dotted = ".".join(str(x) for x in loc)
-    if overrides and dotted in overrides:
-        return f"override '{overrides[dotted]}'"
+    for n in range(len(loc), 0, -1):  # an override replaced everything below its key
+        dotted = ".".join(str(x) for x in loc[:n])
+        if overrides and dotted in overrides:
+            return f"override '{overrides[dotted]}'"
     for n in range(len(loc), 0, -1):
         if loc[:n] in lines:
             at = lines[loc[:n]]
@@ -237,10 +367,27 @@ def format_validation_error(
         return f"{where}: unknown key '{dotted}'{hint}"
     if e["type"] == "missing":
         return f"{where}: missing required key '{dotted}'"
-    msg = e["msg"]
-    if e["type"] == "value_error":
-        msg = msg.removeprefix("Value error, ")
+    msg = _message(e)
     return f"{where}: key '{dotted}': {msg}" if dotted else f"{where}: {msg}"
+
+
+_EXPECTED = {"int_type": "a whole number", "float_type": "a number", "bool_type": "true or false",
+             "string_type": "a string", "tuple_type": "a list", "dict_type": "a mapping"}
+
+
+def _message(e: dict) -> str:
+    """pydantic's message, said in the config's own terms (strict types: what was given instead)."""
+    kind, given = e["type"], e.get("input")
+    if kind == "finite_number":
+        return f"expected a finite number, got {given}"
+    if kind in _EXPECTED:
+        if isinstance(given, bool):
+            return f"expected {_EXPECTED[kind]}, got the boolean {str(given).lower()}"
+        if isinstance(given, str):
+            return f"expected {_EXPECTED[kind]}, got the string {given!r}"
+        if isinstance(given, (int, float, list, dict)) or given is None:
+            return f"expected {_EXPECTED[kind]}, got {json.dumps(given)}"
+    return e["msg"].removeprefix("Value error, ")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
@@ -251,7 +398,15 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     if path is not None:
         tree, lines = read_yaml(path)
         source = str(path)
+        sweep_keys = [k for k in SWEEP_ONLY_KEYS if k in tree]
+        if sweep_keys:
+            raise UserError(f"{source}:{lines.get((sweep_keys[0],), 1)}: this is a sweep config (it has "
+                            f"'{sweep_keys[0]}'); run it with `sam-peft sweep {source}`")
     return build_config(tree, overrides, source, lines)
+
+
+# Keys only a sweep config has (see sweep.py): a run config holding one is a sweep config.
+SWEEP_ONLY_KEYS = ("tasks", "methods", "seeds", "grid")
 
 
 def build_config(tree: dict, overrides=(), source="<config>", lines=None) -> RunConfig:
@@ -288,7 +443,12 @@ RESULTS_VERSION = 2
 
 def config_hash(cfg: RunConfig, n: int = 8) -> str:
     """Stable id of what a run computes: the resolved config minus PRESENTATION_KEYS, and the
-    results version."""
+    results version, with the data (and a model given as a local folder) identified by content,
+    not by the path's spelling: `data` and `/abs/path/to/data` holding the same files are the
+    same run."""
+    from sam_peft.data import split_fingerprint
+    from sam_peft.io import folder_fingerprint
+
     d = config_dict(cfg)
     d["results_version"] = RESULTS_VERSION
     for key in PRESENTATION_KEYS:
@@ -297,6 +457,10 @@ def config_hash(cfg: RunConfig, n: int = 8) -> str:
         for part in parents:
             node = node.get(part, {})
         node.pop(last, None)
+    d["data_dir"] = split_fingerprint(cfg.data_dir, cfg.task)
+    local_model = Path(cfg.model).expanduser()
+    if cfg.model != "tiny" and local_model.is_dir():
+        d["model"] = folder_fingerprint(local_model)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:n]
 

@@ -9,6 +9,7 @@ Reading validates every record up front and reports the first problem as a UserE
 with file:line, so a bad file fails before any model is loaded, not hours into training.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -38,6 +39,26 @@ class Example:
 def demo_data_dir() -> Path:
     """The tiny built-in data set (all seven tasks, jiant layout) shipped with the package."""
     return Path(__file__).resolve().parent / "demo_data"
+
+
+def resolve_data_dir(data_dir: str) -> Path:
+    """A config's `data_dir`: a folder, or "demo" for the built-in data."""
+    return demo_data_dir() if data_dir == "demo" else Path(data_dir).expanduser()
+
+
+def split_fingerprint(data_dir: str, task: str) -> str:
+    """Identity of a task's data by content: sha256 over its split files' sha256s (each file is
+    read once per process). The same files under another path, or the path spelled another way,
+    give the same fingerprint, so runs on them share their ids."""
+    from sam_peft.io import file_sha256
+
+    paths = task_paths(resolve_data_dir(data_dir), task)
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        if not paths[split].is_file():
+            raise UserError(f"{paths[split]}: no such file ({PREPARE_HINT})")
+        digest.update(f"{split}:{file_sha256(paths[split])}\n".encode())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------

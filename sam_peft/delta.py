@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sam_peft.errors import UserError
+from sam_peft.io import atomic_path
 
 FORMAT = "sam-peft-delta/1"
 
@@ -91,12 +91,11 @@ def build(model: torch.nn.Module, theta0: dict[str, torch.Tensor], base_names: s
 def save(path: str | Path, tensors: dict, metadata: dict) -> int:
     """Write atomically; returns the file size in bytes."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     meta = {"format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
     if not tensors:  # safetensors cannot write an empty file; keep a marker tensor
         tensors = {"__empty__": torch.zeros(0)}
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path.stat().st_size
 
 

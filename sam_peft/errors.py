@@ -20,3 +20,10 @@ class ConfigKeyError(UserError):
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+
+
+class WriteError(UserError):
+    """A file that could not be written: the disk is full, the folder is read-only or not ours.
+
+    The environment's doing, not a bug: one line naming the file and the reason, no traceback.
+    """

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from sam_peft.config import RunConfig, config_hash, run_id
 from sam_peft.errors import UserError
-from sam_peft.io import atomic_write_json, atomic_write_text
+from sam_peft.io import atomic_write_json, atomic_write_text, make_folder, write_error
 from sam_peft.locks import RUN_LOCK_WAIT_S, hold, lock_path
 
 if TYPE_CHECKING:
@@ -84,8 +84,19 @@ def current_status(run_dir: Path, rid: str) -> str:
         return "pending"
 
 
-def record_failure(cfg: RunConfig, rid: str, reason: str, trace: str | None = None) -> None:
-    """Mark a run failed in its result.json, keeping what run.run already wrote there."""
+def record_failure(cfg: RunConfig, rid: str, reason: str, trace: str | None = None,
+                   log: Callable[[str], Any] = print) -> None:
+    """Mark a run failed in its result.json, keeping what run.run already wrote there.
+
+    When even that cannot be written (a full disk), the sweep goes on: the run keeps its last
+    status and the message says why it was not updated."""
+    try:
+        _write_failure(cfg, rid, reason, trace)
+    except Exception as e:  # noqa: BLE001 - one run's bookkeeping must not stop the sweep
+        log(f"{rid}: could not record the failure ({one_line(e)})")
+
+
+def _write_failure(cfg: RunConfig, rid: str, reason: str, trace: str | None) -> None:
     run_dir = Path(cfg.output_dir) / rid
     path = run_dir / "result.json"
     try:
@@ -95,7 +106,7 @@ def record_failure(cfg: RunConfig, rid: str, reason: str, trace: str | None = No
         prev = {}
     base = {"run_id": rid, "task": cfg.task, "method": cfg.method["name"], "method_options": cfg.method,
             "seed": cfg.seed, "model": cfg.model, "config_hash": config_hash(cfg)}
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(run_dir)
     if trace:
         atomic_write_text(run_dir / ERROR_LOG, trace)
     atomic_write_json(path, {**base, **prev, "status": "failed", "reason": reason})
@@ -107,7 +118,7 @@ def mark_failed_if_free(cfg: RunConfig, reason: str) -> None:
     rid = run_id(cfg)
     with hold(lock_path(cfg.output_dir, rid), RUN_LOCK_WAIT_S) as mine:
         if mine and current_status(Path(cfg.output_dir) / rid, rid) not in ("done", "failed"):
-            record_failure(cfg, rid, reason)
+            record_failure(cfg, rid, reason, log=_say)
 
 
 def _free_gpu_memory() -> None:
@@ -127,6 +138,16 @@ def execute_run(cfg: RunConfig, retry_failed: bool = False, run_fn: Callable | N
 
         run_fn = sam_peft.run.run  # looked up now, so that tests can stand in for it
     rid = run_id(cfg)
+    try:
+        return _execute_locked(cfg, rid, retry_failed, run_fn, log)
+    except OSError as e:  # e.g. its lock file could not be created: no space or no permission
+        reason = one_line(write_error(e.filename or lock_path(cfg.output_dir, rid), e))
+        log(f"FAILED {rid}: {reason}")
+        return Outcome(rid, "failed", reason)
+
+
+def _execute_locked(cfg: RunConfig, rid: str, retry_failed: bool, run_fn: Callable,
+                    log: Callable[[str], Any]) -> Outcome:
     run_dir = Path(cfg.output_dir) / rid
     with hold(lock_path(cfg.output_dir, rid), RUN_LOCK_WAIT_S) as mine:
         if not mine:
@@ -146,7 +167,7 @@ def execute_run(cfg: RunConfig, retry_failed: bool = False, run_fn: Callable | N
             reason = one_line(e)
             # A UserError is input that only shows at run time (e.g. data a method cannot use):
             # its one line says it all. Anything else keeps its traceback, in a file.
-            record_failure(cfg, rid, reason, None if isinstance(e, UserError) else traceback.format_exc())
+            record_failure(cfg, rid, reason, None if isinstance(e, UserError) else traceback.format_exc(), log)
             hint = " (fewer runs_per_gpu or a smaller train.batch_size may fit)" if is_out_of_memory(e) else ""
             del e  # its traceback holds the run's tensors
             _free_gpu_memory()

@@ -50,9 +50,8 @@ PAPER_BASE_URL = (
     f"{PAPER_COMMIT}/data/tasks/"
 )
 
-# sha256 of data/tasks/data/<task>/<split>.jsonl in the authors' repository at PAPER_COMMIT.
-# Computed with sha256sum from the byte-identical copies in
-# /work/shared/data/paper_splits/data/<task>/<split>.jsonl (the repository at commit ea1a73b).
+# sha256 of data/tasks/data/<task>/<split>.jsonl in the authors' repository at PAPER_COMMIT,
+# computed with sha256sum from byte-identical copies of those files.
 PAPER_SHA256 = {
     "cola": {
         "train": "5491e572812a30f38a2b774c30c61c3910811d4fc3bf8018c4ae61158e42df56",
@@ -133,15 +132,28 @@ def prepare_data(
         raise UserError("base_url: only used with source 'paper' (the hub source reads the Hugging Face hub)")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise UserError(f"seed: {seed!r} is not a whole number in [0, 2^32) (the split seed of --source hub)")
 
-    if source == "paper":
-        provenance = _prepare_paper(out, task_list, base_url or PAPER_BASE_URL, force, progress)
-    else:
-        provenance = _prepare_hub(out, task_list, seed, progress)
+    # Folders this call may create; those it created and left empty go again if it fails.
+    folders = [out, out / "data", out / "configs", *(out / "data" / task for task in task_list)]
+    existed = {folder for folder in folders if folder.exists()}
+    try:
+        if source == "paper":
+            provenance = _prepare_paper(out, task_list, base_url or PAPER_BASE_URL, force, progress)
+        else:
+            provenance = _prepare_hub(out, task_list, seed, progress)
 
-    for task in task_list:
-        _write_config(out, task)
-    _write_prepared_record(out, provenance)
+        for task in task_list:
+            _write_config(out, task)
+        _write_prepared_record(out, provenance)
+    except BaseException:
+        for folder in sorted(set(folders) - existed, key=lambda f: len(f.parts), reverse=True):
+            try:
+                folder.rmdir()  # only if empty: files already verified stay for the next attempt
+            except OSError:
+                pass
+        raise
     return out
 
 

@@ -13,6 +13,7 @@ Run directory `<output_dir>/<run_id>/`:
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -28,19 +29,16 @@ import torch
 import sam_peft
 from sam_peft import delta as delta_lib
 from sam_peft.config import RunConfig, config_dict, config_hash, run_id
-from sam_peft.data import Example, demo_data_dir, encode, load_splits
+from sam_peft.data import Example, encode, load_splits, resolve_data_dir
 from sam_peft.engine import CHECKPOINT_FORMAT, CheckpointMismatch, TaskData, Trainer, eligible_names, head_names
 from sam_peft.errors import UserError
-from sam_peft.io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_yaml, truncate_jsonl
+from sam_peft.io import (append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_yaml, make_folder,
+                         remove_stale_temps, truncate_jsonl, unwritable_folder_reason)
 from sam_peft.methods import build_method
 from sam_peft.methods.base import Method
 from sam_peft.model import TaskModel, load_backbone
 from sam_peft.params import GROUPS, param_group, param_kinds
 from sam_peft.tasks import TaskSpec, get_task
-
-
-def resolve_data_dir(data_dir: str) -> Path:
-    return demo_data_dir() if data_dir == "demo" else Path(data_dir).expanduser()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -63,6 +61,53 @@ def drop_examples(train: list[Example], fraction: float, seed: int) -> list[Exam
     rng = np.random.default_rng(seed)
     drop = set(rng.choice(len(train), size=n_drop, replace=False).tolist())
     return [ex for i, ex in enumerate(train) if i not in drop]
+
+
+# Encoders whose position table starts at padding_idx + 1 (RoBERTa's scheme, from fairseq): that
+# many rows are never used for a token position.
+PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text", "xmod",
+                        "longformer")
+
+
+def position_limit(encoder) -> tuple[int, int, int] | None:
+    """(usable positions, rows in the position table, offset) of an encoder with absolute
+    positions, from its config; None when it declares no position table."""
+    config = getattr(encoder, "config", None)
+    rows = getattr(config, "max_position_embeddings", None)
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0:
+        return None
+    table = getattr(getattr(encoder, "embeddings", None), "position_embeddings", None)
+    if isinstance(table, torch.nn.Embedding):
+        offset = table.padding_idx + 1 if table.padding_idx is not None else 0
+    elif getattr(config, "model_type", None) in PADDING_OFFSET_TYPES:
+        offset = (getattr(config, "pad_token_id", None) or 0) + 1
+    else:
+        offset = 0
+    return rows - offset, rows, offset
+
+
+def check_max_seq_len(cfg: RunConfig, encoder) -> None:
+    """A train.max_seq_len beyond the encoder's position table would crash at the first long batch."""
+    limit = position_limit(encoder)
+    if limit is not None and cfg.train.max_seq_len > limit[0]:
+        usable, rows, offset = limit
+        table = f"{rows} position embeddings" + (f" less RoBERTa's offset of {offset}" if offset else "")
+        raise UserError(f"train.max_seq_len {cfg.train.max_seq_len}: the encoder '{cfg.model}' takes at most "
+                        f"{usable} tokens ({table}); set train.max_seq_len to {usable} or less")
+
+
+def check_density(cfg: RunConfig, model, eligible: list[str]) -> None:
+    """floor(density * m) entries train: none at all is a run that trains only its head."""
+    from sam_peft.selection import budget
+
+    density = cfg.method.get("density")
+    if density is None:
+        return
+    params = dict(model.named_parameters())
+    m = sum(params[n].numel() for n in eligible)
+    if m and budget(density, m) == 0:
+        raise UserError(f"method.density {density}: floor(p*m) is 0 for the m = {m:,} eligible entries of "
+                        f"'{cfg.model}', so no entry would train; use at least {1 / m:.3g}")
 
 
 def texts_of(examples: list[Example], spec: TaskSpec) -> list[str]:
@@ -114,14 +159,19 @@ def build(cfg: RunConfig, splits=("train", "val", "test")) -> Built:
     # The tiny model's tokenizer sees the whole train split, before any perturbation, so that
     # every run on a task shares one "pretrained" base.
     texts = texts_of(examples["train"], spec) if cfg.model == "tiny" else None
+    n_train = len(examples["train"])
     examples["train"] = drop_examples(examples["train"], cfg.data.drop_fraction, cfg.data.drop_seed)
     if not examples["train"]:
-        raise UserError(f"{data_dir}: task '{spec.name}' has no training examples left")
+        raise UserError(f"data.drop_fraction {cfg.data.drop_fraction}: no training examples left (it removes "
+                        f"round({cfg.data.drop_fraction} x {n_train}) = {n_train} of the {n_train} of task "
+                        f"'{spec.name}'); at most {n_train - 1} can be removed")
     encoder, tokenizer = load_backbone(cfg.model, texts, cfg.train.max_seq_len)
+    check_max_seq_len(cfg, encoder)
     features = {s: encode(spec, examples[s], tokenizer, cfg.train.max_seq_len) for s in splits}
     seed_everything(cfg.seed)
     model = TaskModel(encoder, spec, cfg.train.dropout, cfg.train.head_init)
     eligible = eligible_names(model, cfg.method.get("embeddings", True), cfg.method.get("layernorm", True))
+    check_density(cfg, model, eligible)
     base_names = {n for n, _ in model.named_parameters() if n.startswith("encoder.")}
     method.wrap(model)
     model.to(device)
@@ -243,30 +293,68 @@ def run(cfg: RunConfig, progress: bool = True, force: bool = False, log=print) -
     """Train one configuration; returns result.json's content.
 
     A run directory holding a checkpoint of the same config (a run that was killed) resumes
-    from it, and ends with the same result as an uninterrupted run.
+    from it, and ends with the same result as an uninterrupted run. A run that fails after its
+    start was recorded (at any point: training, the final evaluation, writing the delta or the
+    result, e.g. on a full disk) has status "failed" with a one-line reason.
     """
+    try:
+        return _run(cfg, progress, force, log)
+    except Exception as e:
+        try:
+            result_path = Path(cfg.output_dir) / run_id(cfg) / "result.json"
+        except Exception:  # noqa: BLE001 - no run id (e.g. no data): nothing was started
+            result_path = None
+        if result_path is not None:
+            record_failed(result_path, e, log)
+        raise
+
+
+def record_failed(result_path: Path, e: BaseException, log, **extra) -> None:
+    """Mark the run this process started failed, with a one-line reason: only if its result.json
+    says "running" with this process's pid (bad input found before the start leaves an earlier,
+    interrupted attempt as it was).
+
+    Best effort: when even this cannot be written (the disk is still full), the caller's exception
+    carries the reason, and the run stays "running" with a free lock, i.e. interrupted."""
+    from sam_peft.executors import one_line
+
+    try:
+        result = json.loads(result_path.read_text())
+    except (OSError, ValueError):
+        return  # not started: nothing was written
+    if not isinstance(result, dict) or result.get("status") != "running" or result.get("pid") != os.getpid():
+        return
+    try:
+        atomic_write_json(result_path, {**result, **extra, "status": "failed", "reason": one_line(e)})
+    except Exception as failure:  # noqa: BLE001 - the run's own error is the one to report
+        log(f"{result_path}: could not record the failure ({failure})")
+
+
+def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
     if cfg.threads:  # set by the executors: float results can depend on the number of threads
         torch.set_num_threads(cfg.threads)
     rid = run_id(cfg)
     run_dir = Path(cfg.output_dir) / rid
     result_path = run_dir / "result.json"
     if result_path.is_file() and not force:
-        import json
-
         try:
             prev = json.loads(result_path.read_text())
         except (OSError, ValueError):
             prev = {}
         if prev.get("status") == "done":
+            remove_stale_temps(result_path)  # a kill during its last write left one
             log(f"{run_dir}: already done (use --force to run it again)")
             return prev
 
+    unwritable = unwritable_folder_reason(cfg.output_dir)
+    if unwritable:
+        raise UserError(f"output_dir '{cfg.output_dir}': {unwritable}")
     started = time.time()
     built = build(cfg)  # all input errors surface here, before anything is written
     model, method, device = built.model, built.method, built.device
     frozen = built.base_names - set(built.eligible)
     frozen_before = _frozen_fingerprint(model, frozen)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(run_dir)
     for stale in run_dir.glob(".*.tmp*"):  # a write cut short by a kill (atomic writes: never the real file)
         stale.unlink(missing_ok=True)
     atomic_write_yaml(run_dir / "config.yaml", config_dict(cfg))
@@ -321,10 +409,9 @@ def run(cfg: RunConfig, progress: bool = True, force: bool = False, log=print) -
         curves.close()
         log(f"{ckpt_path}: {e}; starting the run afresh")
         ckpt_path.unlink(missing_ok=True)
-        return run(cfg, progress=progress, force=True, log=log)
+        return _run(cfg, progress=progress, force=True, log=log)
     except Exception as e:
-        atomic_write_json(result_path, {**base, "status": "failed", "reason": f"{type(e).__name__}: {e}",
-                                        "wall_time_s": round(time.time() - started, 3)})
+        record_failed(result_path, e, log, wall_time_s=round(time.time() - started, 3))
         raise
     finally:
         curves.close()
@@ -396,27 +483,65 @@ def run(cfg: RunConfig, progress: bool = True, force: bool = False, log=print) -
 
 def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
     """Rebuild base + method structure + delta and evaluate: (metrics, result.json or {})."""
-    import json
-
     from sam_peft.config import load_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     cfg = load_config(run_dir / "config.yaml")
-    built = build(cfg, splits=(split,))
-    theta0 = {n: p.detach().clone() for n, p in built.model.named_parameters() if n in set(built.eligible)}
-    delta_lib.apply(built.model, run_dir / "delta.safetensors", tokenizer=built.tokenizer)
-    # The rebuilt model holds plain weights; a method whose final evaluations see other weights
-    # (Mixout's eval_reset) sets that up from the pretrained values and the run's seed.
-    params = dict(built.model.named_parameters())
-    built.method.attach_for_eval(built.model, {n: params[n] for n in built.eligible}, theta0, cfg.seed, built.device)
-    trainer = Trainer(cfg, built.model, built.method, built.data, built.device, built.eligible, progress=False)
-    metrics = trainer.evaluate(split)
     result = {}
     if (run_dir / "result.json").is_file():
         try:
             result = json.loads((run_dir / "result.json").read_text())
         except ValueError:
             raise UserError(f"{run_dir / 'result.json'}: not valid JSON") from None
+    delta_path = run_dir / "delta.safetensors"
+    check_delta_belongs(delta_path, delta_lib.read_metadata(delta_path), cfg, result)
+    built = build(cfg, splits=(split,))
+    theta0 = {n: p.detach().clone() for n, p in built.model.named_parameters() if n in set(built.eligible)}
+    delta_lib.apply(built.model, delta_path, tokenizer=built.tokenizer)
+    # The rebuilt model holds plain weights; a method whose final evaluations see other weights
+    # (Mixout's eval_reset) sets that up from the pretrained values and the run's seed.
+    params = dict(built.model.named_parameters())
+    built.method.attach_for_eval(built.model, {n: params[n] for n in built.eligible}, theta0, cfg.seed, built.device)
+    trainer = Trainer(cfg, built.model, built.method, built.data, built.device, built.eligible, progress=False)
+    metrics = trainer.evaluate(split)
     return metrics, result
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested keys as dotted ones: {"train": {"lr": x}} -> {"train.lr": x}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_delta_belongs(delta_path: Path, meta: dict, cfg: RunConfig, result: dict) -> None:
+    """The delta must be this run folder's own: another run's delta of the same base (another
+    seed, method or density, copied in) would load and evaluate without a word.
+
+    Its metadata records the run id and the resolved config: the config must agree with the
+    folder's config.yaml on every key both have that changes what a run computes (a key only one has
+    comes from another sam-peft version; data_dir is compared through the run id), and the run id
+    with the folder's result.json."""
+    from sam_peft.config import PRESENTATION_KEYS
+
+    theirs_id = meta.get("run_id")
+    try:
+        theirs = json.loads(meta.get("config", "null"))
+    except ValueError:
+        theirs = None
+    if isinstance(theirs, dict):
+        mine, other = _flat(config_dict(cfg)), _flat(theirs)
+        for key in [k for k in mine if k in other and k not in PRESENTATION_KEYS and k != "data_dir"]:
+            if mine[key] != other[key]:
+                raise UserError(f"{delta_path}: the delta of another run ({theirs_id}): its {key} is "
+                                f"{json.dumps(other[key])}, this folder's config.yaml has {json.dumps(mine[key])}")
+    ours_id = result.get("run_id") if isinstance(result, dict) else None
+    if theirs_id and ours_id and theirs_id != ours_id:
+        raise UserError(f"{delta_path}: the delta of run {theirs_id}, but this folder holds run {ours_id} "
+                        "(result.json)")

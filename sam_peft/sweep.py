@@ -68,7 +68,7 @@ from typing import Callable
 
 from sam_peft.config import RunConfig, build_config, parse_overrides, read_yaml, run_id, set_dotted
 from sam_peft.errors import UserError
-from sam_peft.io import atomic_write_json
+from sam_peft.io import atomic_write_json, make_folder, unwritable_folder_reason
 from sam_peft.locks import hold, lock_path
 from sam_peft.methods import method_display
 from sam_peft.report.results import read_json
@@ -117,6 +117,7 @@ class Sweep:
     output_dir: Path
     runs: list[PlannedRun]
     runs_per_gpu: int | None = None  # the sweep file's setting (the command line's wins)
+    notices: list[str] = field(default_factory=list)  # what the expansion did that the user should know
 
     def plan(self) -> dict:
         """The content of sweep.json."""
@@ -227,6 +228,9 @@ def _entry_name(entry) -> str | None:
 
 def _check_top_keys(tree: dict, origin: dict, source: str) -> None:
     run_keys = [k for k in RunConfig.model_fields if k not in PER_RUN_KEYS]
+    if "task" in tree and "tasks" not in tree and "methods" not in tree:
+        raise UserError(f"{origin.get(('task',), source)}: this is a run config (it has 'task', no 'tasks' or "
+                        f"'methods'); run it with `sam-peft run {source}`")
     for key in tree:
         where = origin.get((key,), source)
         if key in PER_RUN_KEYS:
@@ -352,8 +356,33 @@ def _label(entry: dict, grid_values: dict) -> str:
 # ---------------------------------------------------------------- expansion
 
 
-def expand(tree: dict, origin: dict, source: str) -> list[PlannedRun]:
-    """Every run of the sweep, validated, in the order grid x methods x tasks x seeds."""
+def _entries_lacking_option(grid: dict, entries: list[dict]) -> dict[str, list[int]]:
+    """grid key `method.X` -> the method entries whose method has no option X (e.g. a density
+    grid and `full`). Only when some entry has it: a key no method knows stays an error."""
+    from sam_peft.errors import ConfigKeyError
+    from sam_peft.methods import method_class
+
+    def options(entry) -> set[str] | None:
+        try:
+            return set(method_class(entry["name"]).Options.model_fields)
+        except ConfigKeyError:
+            return None  # an unknown method: validating its runs reports it
+
+    known = [options(e) for e in entries]
+    out = {}
+    for key in grid:
+        parts = key.split(".")
+        if parts[0] != "method" or len(parts) != 2:
+            continue
+        lacking = [i for i, opts in enumerate(known) if opts is not None and parts[1] not in opts]
+        if lacking and len(lacking) < sum(opts is not None for opts in known):
+            out[key] = lacking
+    return out
+
+
+def expand(tree: dict, origin: dict, source: str, notices: list[str] | None = None) -> list[PlannedRun]:
+    """Every run of the sweep, validated, in the order grid x methods x tasks x seeds.
+    What the user should know about the expansion is appended to `notices`."""
     _check_top_keys(tree, origin, source)
     tasks = _tasks(tree, origin, source)
     seeds = _seeds(tree, origin, source)
@@ -367,12 +396,24 @@ def expand(tree: dict, origin: dict, source: str) -> list[PlannedRun]:
         seeds_at = [origin.get(("seeds",), source)] * len(seeds)
 
     runs: list[PlannedRun] = []
+    lacking = _entries_lacking_option(grid, entries)
+    for key, indices in lacking.items():
+        names = list(dict.fromkeys(entries[i].get("label") or entries[i]["name"] for i in indices))
+        if notices is not None:
+            notices.append(f"grid {key}: {', '.join(names)} {'has' if len(names) == 1 else 'have'} no option "
+                           f"'{key.split('.', 1)[1]}'; {'its runs do' if len(names) == 1 else 'their runs do'} "
+                           "not vary it")
     combos = list(itertools.product(*grid.values()))
     for combo in combos:
         for i, entry in enumerate(entries):
+            # A method without the option runs once, at the first grid point, not labelled with it.
+            skip = [key for key, indices in lacking.items() if i in indices]
+            if any(combo[list(grid).index(key)] != grid[key][0] for key in skip):
+                continue
             own = flatten_grid(entry.get("grid") or {})
             for own_combo in itertools.product(*own.values()):
-                grid_values = {**dict(zip(grid, combo)), **dict(zip(own, own_combo))}
+                grid_values = {**{key: value for key, value in zip(grid, combo) if key not in skip},
+                               **dict(zip(own, own_combo))}
                 run_tree, lines = _method_tree(base, base_lines, entry, i, origin, source)
                 label = _label(entry, grid_values)
                 for key, value in grid_values.items():
@@ -438,8 +479,13 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     tree, origin = _read_tree(path)
     overrides = list(overrides)
     _apply_overrides(tree, origin, overrides)
-    runs = expand(tree, origin, str(path))
-    return Sweep(str(path), overrides, Path(runs[0].cfg.output_dir), runs, _runs_per_gpu(tree, origin, str(path)))
+    notices: list[str] = []
+    runs = expand(tree, origin, str(path), notices)
+    output_dir = Path(runs[0].cfg.output_dir)
+    unwritable = unwritable_folder_reason(output_dir)
+    if unwritable:
+        raise UserError(f"{origin.get(('output_dir',), str(path))}: output_dir '{output_dir}': {unwritable}")
+    return Sweep(str(path), overrides, output_dir, runs, _runs_per_gpu(tree, origin, str(path)), notices)
 
 
 def _runs_per_gpu(tree: dict, origin: dict, source: str) -> int | None:
@@ -455,7 +501,7 @@ def check_data(runs: list[PlannedRun]) -> None:
     """Read every (data_dir, task) the runs need once, so missing or malformed data stops the
     sweep before its first run instead of failing every run of that task."""
     from sam_peft.data import load_splits
-    from sam_peft.run import resolve_data_dir
+    from sam_peft.data import resolve_data_dir
 
     for data_dir, task in dict.fromkeys((r.cfg.data_dir, r.cfg.task) for r in runs):
         load_splits(resolve_data_dir(data_dir), task)
@@ -508,7 +554,7 @@ def run_sweep(sweep: Sweep, progress: bool = True, executor: Callable | None = N
 
     check_data(sweep.runs)
     status = {r.run_id: r.status() for r in sweep.runs}  # every result.json checked before writing
-    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(sweep.output_dir)
     write_plan(sweep)
     not_again = ("done",) if retry_failed else ("done", "failed")
     pending = [r for r in sweep.runs if status[r.run_id] not in not_again]
@@ -525,7 +571,7 @@ def run_sweep(sweep: Sweep, progress: bool = True, executor: Callable | None = N
     if old_failed:
         summary += f", {len(old_failed)} failed earlier (not rerun; --retry-failed reruns them)"
     if count["busy"]:
-        summary += f", {count['busy']} running in another process"
+        summary += "".join(f", {n} {state}" for state, n in _busy_now(sweep, outcomes).items())
     if count["skipped"]:
         summary += f", {count['skipped']} finished by another process meanwhile"
     log(f"sweep {sweep.source}: {summary}")
@@ -534,9 +580,36 @@ def run_sweep(sweep: Sweep, progress: bool = True, executor: Callable | None = N
             log(f"  failed {o.run_id}: {o.reason}")
     for r in old_failed:
         log(f"  failed earlier {r.run_id}")
-    # The exit status covers the whole sweep: failures of this process, earlier ones, and those
-    # of a concurrent sweep that ran some of these runs.
-    return 1 if any(current_status(r.run_dir, r.run_id) == "failed" for r in sweep.runs) else 0
+    # The exit status covers the whole sweep: failures of this process (also one whose result.json
+    # could not say so, the disk being full), earlier ones, and those of a concurrent sweep that ran
+    # some of these runs.
+    failed_now = any(o.status == "failed" for o in outcomes)
+    return 1 if failed_now or any(current_status(r.run_dir, r.run_id) == "failed" for r in sweep.runs) else 0
+
+
+def _busy_now(sweep: Sweep, outcomes) -> dict[str, int]:
+    """Where the runs that another process held when this one reached them stand now: it may
+    have finished them since (the summary must not call a finished run running)."""
+    from sam_peft.executors import current_status
+    from sam_peft.locks import is_held
+
+    by_id = {r.run_id: r for r in sweep.runs}
+    states: dict[str, int] = {}
+    for o in outcomes:
+        if o.status != "busy":
+            continue
+        r = by_id[o.run_id]
+        status = current_status(r.run_dir, r.run_id)
+        if status == "done":
+            state = "done by another process"
+        elif status == "failed":
+            state = "failed in another process"
+        elif is_held(lock_path(sweep.output_dir, r.run_id)):
+            state = "still running in another process"
+        else:
+            state = "interrupted in another process (a rerun resumes them)"
+        states[state] = states.get(state, 0) + 1
+    return states
 
 
 def describe(sweep: Sweep) -> list[str]:

@@ -55,3 +55,34 @@ def test_resolved_config_round_trips(tmp_path):
 def test_invalid_values(override, needle):
     with pytest.raises(UserError, match=needle.replace(".", r"\.")):
         build_config(BASE, [override])
+
+
+def test_run_ids_identify_data_by_content_not_by_path(tmp_path, monkeypatch):
+    """The same split files by a relative path, an absolute one, or "demo" are the same runs; other
+    content is another run."""
+    import shutil
+
+    from sam_peft.data import demo_data_dir
+
+    shutil.copytree(demo_data_dir(), tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    ids = {spelling: run_id(build_config({**BASE, "data_dir": spelling}))
+           for spelling in ("data", "./data", str(tmp_path / "data"), "../" + tmp_path.name + "/data", "demo")}
+    assert len(set(ids.values())) == 1, ids
+    val = tmp_path / "data" / "data" / "cb" / "val.jsonl"
+    val.write_text(val.read_text().replace("\n", "\n\n", 1))  # another file, the same records
+    assert run_id(build_config({**BASE, "data_dir": "data"})) != ids["data"]
+    # another task's files do not matter
+    other = tmp_path / "data" / "data" / "rte" / "train.jsonl"
+    other.write_text(other.read_text() + "\n")
+    assert run_id(build_config({**BASE, "data_dir": "data"})) == run_id(build_config({**BASE, "data_dir": "./data"}))
+    with pytest.raises(UserError, match="nowhere: no such directory"):
+        run_id(build_config({**BASE, "data_dir": "nowhere"}))
+
+
+def test_log_every_scales_with_the_run_by_default():
+    assert build_config(BASE).train.log_every == 50  # the paper's 40,000 steps
+    assert build_config(BASE, ["train.max_steps=60"]).train.log_every == 1
+    assert build_config(BASE, ["train.max_steps=1000"]).train.log_every == 10
+    assert build_config(BASE, ["train.max_steps=60", "train.log_every=5"]).train.log_every == 5
+    assert build_config(BASE, ["train.log_every=0"]).train.log_every == 0  # off

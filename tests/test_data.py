@@ -19,9 +19,9 @@ from sam_peft.data import (
 from sam_peft.errors import UserError
 from sam_peft.tasks import TASKS, get_task
 
-PAPER_SPLITS = Path("/work/shared/data/paper_splits")
+from util import PAPER_SPLITS
 
-# Record counts from /work/shared/data/README.md.
+# Record counts from the README of the shared data folder (shared/data/README.md).
 PAPER_COUNTS = {
     "cola": (7695, 856, 1043),
     "stsb": (5166, 583, 1500),

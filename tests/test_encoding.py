@@ -5,15 +5,13 @@ byte-level BPE as in RoBERTa (offsets without the leading space, no token_type_i
 lower-casing WordPiece as in BERT (punctuation split off, token_type_ids).
 """
 
-from pathlib import Path
-
 import pytest
 
 from sam_peft.data import Example, collate, demo_data_dir, encode, load_splits
 from sam_peft.errors import UserError
 from sam_peft.tasks import get_task
 
-PAPER_SPLITS = Path("/work/shared/data/paper_splits")
+from util import PAPER_SPLITS
 
 # Records of the paper's WSC files whose span_text is not what text.split() holds at the
 # span index (case-only differences, which are many, are not listed). The encoding follows

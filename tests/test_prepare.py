@@ -16,7 +16,7 @@ from sam_peft import prepare
 from sam_peft.errors import UserError
 from sam_peft.prepare import prepare_data
 
-PAPER_SPLITS = Path("/work/shared/data/paper_splits")
+from util import PAPER_SPLITS
 needs_paper_splits = pytest.mark.skipif(
     not (PAPER_SPLITS / "data").is_dir(), reason="paper_splits mirror not on this machine"
 )
@@ -421,6 +421,8 @@ def test_hub_without_datasets_package(monkeypatch, tmp_path):
         ({"tasks": []}, r"^tasks: empty list"),
         ({"source": "kaggle"}, r"^source: unknown source 'kaggle'"),
         ({"source": "hub", "base_url": "http://example.org/"}, r"^base_url: only used with source 'paper'"),
+        ({"source": "hub", "seed": -1}, r"^seed: -1 is not a whole number in \[0, 2\^32\)"),
+        ({"source": "hub", "seed": 2**32}, r"^seed: 4294967296 is not a whole number"),
     ],
 )
 def test_bad_arguments(kwargs, match, tmp_path):
@@ -434,3 +436,20 @@ def test_out_is_a_file(tmp_path):
     target.write_text("x")
     with pytest.raises(UserError, match="exists and is not a directory"):
         prepare_data(target, progress=False)
+
+
+def test_a_failed_prepare_leaves_no_empty_folders(tiny_mirror, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "RETRY_WAIT_S", 0.0)
+    (tiny_mirror / "data" / "cb" / "train.jsonl").unlink()  # the first download fails
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="download failed"):
+        prepare_data(out, tasks=["cb"], base_url=str(tiny_mirror), progress=False)
+    assert not out.exists()
+    # a folder that was there before stays, and so do files already verified
+    out.mkdir()
+    (tiny_mirror / "data" / "cb" / "train.jsonl").write_bytes(TINY_CB["train"])
+    (tiny_mirror / "data" / "cb" / "test.jsonl").unlink()
+    with pytest.raises(UserError, match="download failed"):
+        prepare_data(out, tasks=["cb"], base_url=str(tiny_mirror), progress=False)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["data", "data/cb", "data/cb/train.jsonl",
+                                                                       "data/cb/val.jsonl"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from scipy.stats import mannwhitneyu, rankdata, spearmanr, ttest_ind
+from scipy.stats import kendalltau, mannwhitneyu, rankdata, spearmanr, ttest_ind
 
 from sam_peft import cli
 from sam_peft.report.results import load_results
@@ -324,3 +324,101 @@ def test_select_on_val_keeps_the_best_grid_point_per_row_and_task(tmp_path, caps
     assert cli.main(["table", str(runs), "--select-on", "val"]) == 0
     md = capsys.readouterr().out
     assert "Grid points chosen on val" in md and "SAM / cb: burnin_steps=500 (mean val 81.00 over 2 runs" in md
+
+
+def test_stability_reports_kendalls_tau_b_and_warns_when_ties_dominate(tmp_path, capsys):
+    """Cells whose runs all score the same tie in both ranks (as on the random-weight demo): the
+    tie-aware statistic and the tied shares come with rho, and a warning when ties dominate."""
+    cells = {(m, t): [50.0, 50.0, 50.0] for m in ("full", "bitfit", "sam", "random") for t in ("cola", "rte")}
+    cells[("sam", "rte")] = [70.0, 72.0, 74.0]
+    fabricate(tmp_path / "runs", cells)
+    assert cli.main(["plot", "stability", str(tmp_path / "runs"), "-o", str(tmp_path / "f.png")]) == 0
+    captured = capsys.readouterr()
+    # ranks (perf, stab): cola all (1, 1); rte sam (1, 4), the rest (2, 1)
+    perf, stab = [1, 1, 1, 1, 2, 2, 1, 2], [1, 1, 1, 1, 1, 1, 4, 1]
+    tau, tau_p = kendalltau(perf, stab)
+    match = re.search(r"Kendall tau-b = (-?[\d.]+), p = ([\d.e+-]+); tied ranks within a task: "
+                      r"(\d+)% of performance, (\d+)% of stability", captured.out)
+    assert match, captured.out
+    assert float(match.group(1)) == pytest.approx(tau, abs=5e-5) and float(match.group(2)) == pytest.approx(tau_p)
+    assert (match.group(3), match.group(4)) == ("88", "88")  # 7 of 8 cells share a rank within their task
+    assert "warning: most cells share a rank with another cell of their task" in captured.err
+
+    distinct = {("full", "cola"): [60, 62, 64], ("bitfit", "cola"): [50, 51, 52], ("sam", "cola"): [70, 73, 76],
+                ("random", "cola"): [40, 44, 48], ("full", "rte"): [60, 61, 62], ("bitfit", "rte"): [70, 72, 74],
+                ("sam", "rte"): [50, 53, 56], ("random", "rte"): [80, 84, 88]}
+    fabricate(tmp_path / "distinct", distinct)  # no two cells of a task share a rank: no warning
+    assert cli.main(["plot", "stability", str(tmp_path / "distinct"), "-o", str(tmp_path / "g.png")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_stats_treat_every_cell_without_variance_alike(tmp_path, capsys):
+    """One cell of identical zeros and one of identical 58.33s that float noise makes unequal by
+    1e-14: both have no variance, so both show '-' (not nan in one and t = 0, p = 1 in the other)."""
+    third, other_way = 175 / 3, 100 * (1 / 3 + 1 / 4)  # 58.333...: the same number computed two ways
+    cells = {("sam", "cola"): [0.0, 0.0, 0.0], ("full", "cola"): [0.0, 0.0, 0.0],
+             ("sam", "rte"): [third] * 3, ("full", "rte"): [third, other_way, third]}
+    assert other_way != third
+    fabricate(tmp_path, cells)
+    assert {(c.task, c.t, c.t_p) for c in compare(load_results(tmp_path), "SAM")} == {("cola", None, None),
+                                                                                       ("rte", None, None)}
+    assert cli.main(["stats", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out
+    assert "| FullTuning | 3 | 0.00 | 3 | 0.00 | +0.00 | - | - | 4.5 | 1 |" in out
+    assert "| FullTuning | 3 | 58.33 | 3 | 58.33 | +0.00 | - | - | 4.5 | 1 |" in out
+    assert "no run of either side scored differently" in out
+
+
+def _figure_of(monkeypatch, draw):
+    """Draw with `draw()` and return the matplotlib figure instead of only a file."""
+    from sam_peft.report import plot
+
+    kept = []
+    real_save = plot._save
+    monkeypatch.setattr(plot, "_save", lambda fig, out: (kept.append(fig), fig.canvas.draw()))
+    draw()
+    monkeypatch.setattr(plot, "_save", real_save)
+    return kept[0]
+
+
+def _overlaps(box, points) -> bool:
+    return any(box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1 for x, y in points)
+
+
+def test_legends_do_not_cover_the_data(tmp_path, monkeypatch):
+    from sam_peft.report import plot
+
+    fabricate(tmp_path / "runs", {**CELLS, ("random", "cola"): [50, 55, 60], ("random", "rte"): [69, 70, 71]})
+    fig = _figure_of(monkeypatch, lambda: plot.plot_stability(load_results(tmp_path / "runs"), tmp_path / "a.png"))
+    ax = fig.axes[0]
+    points = [p for c in ax.collections for p in ax.transData.transform(c.get_offsets())]
+    legend = ax.get_legend().get_window_extent()
+    assert points and not _overlaps(legend, points)
+    assert legend.x0 >= ax.get_window_extent().x1  # outside, to the right
+
+    run_dir = write_run(tmp_path / "curve", "diffprune", "cb", 0, 80.0, extra={"burnin_steps": 20})
+    (run_dir / "train_log.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0 + (s % 30) / 10}) + "\n" for s in range(10, 130, 10)))
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "val": {"major": 60.0 + s / 5}}) + "\n" for s in (40, 80, 120)))
+    fig = _figure_of(monkeypatch, lambda: plot.plot_curve(run_dir, tmp_path / "b.png"))
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    lines = [p for a in fig.axes for line in a.get_lines() for p in a.transData.transform(line.get_xydata())]
+    assert not _overlaps(legend, lines)
+    assert legend.y1 <= ax.get_window_extent().y0  # below the axes
+
+
+def test_sparsity_ticks_are_the_densities_and_do_not_overlap(tmp_path, monkeypatch):
+    from sam_peft.report import plot
+
+    for density in (0.002, 0.003, 0.004, 0.005, 0.007):  # less than a decade: log minor ticks crowd
+        for seed in range(2):
+            write_run(tmp_path, "sam", "rte", seed, 60.0 + seed, density=density, label=f"SAM density={density}")
+    fig = _figure_of(monkeypatch, lambda: plot.plot_sparsity(load_results(tmp_path), tmp_path / "s.png"))
+    ax = fig.axes[2]  # bottom left: the labelled x axis
+    labels = [t for t in ax.get_xticklabels(which="both") if t.get_visible() and t.get_text()]
+    assert [t.get_text() for t in labels] == ["0.002", "0.003", "0.004", "0.005", "0.007"]
+    boxes = [t.get_window_extent() for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

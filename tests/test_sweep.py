@@ -244,7 +244,9 @@ def test_shipped_run_configs_validate(name):
 @pytest.mark.parametrize("name, count", PAPER_SWEEPS)
 def test_paper_sweeps_expand(name, count, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # their output_dir is relative; a dry run must not touch it anyway
-    assert cli.main(["sweep", str(CONFIGS / name), "--dry-run"]) == 0
+    # Run ids identify the data by content, so the plan needs data: the built-in data has every
+    # task in the same layout (a stand-in for the data the config names).
+    assert cli.main(["sweep", str(CONFIGS / name), "data_dir=demo", "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"{count} runs ")
     assert not (tmp_path / "results").exists()
 
@@ -285,3 +287,24 @@ def test_a_method_entry_grid_multiplies_that_entry_only(tmp_path):
 def test_every_shipped_config_says_which_batching_it_uses():
     for path in CONFIGS.glob("*.yaml"):
         assert re.search(r"^\s*group_by_length: (true|false)", path.read_text(), re.M), path.name
+
+
+def test_a_grid_over_a_method_option_leaves_out_methods_without_it(tmp_path, capsys):
+    """The README's `grid.method.density=[0.01]` on the demo sweep: methods without a density run once,
+    unlabelled by it, with a notice; a key no method has stays an error."""
+    path = write_sweep(tmp_path, tasks=["rte"], methods=["full", {"name": "sam", "burnin_steps": 2}, "bitfit"])
+    sweep = load_sweep(path, ["grid.method.density=[0.01, 0.02]"])
+    assert [(r.label, r.cfg.method.get("density")) for r in sweep.runs] == [
+        ("FullTuning", None), ("SAM density=0.01", 0.01), ("BitFit", None), ("SAM density=0.02", 0.02)]
+    assert sweep.notices == ["grid method.density: full, bitfit have no option 'density'; their runs do not vary it"]
+    assert cli.main(["sweep", str(path), "grid.method.density=[0.01]", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "sam-peft: note: grid method.density: full, bitfit have no option 'density'" in captured.err
+    assert captured.out.splitlines()[-1].startswith("3 runs ")
+    with pytest.raises(UserError, match="unknown key 'method.densty'"):
+        load_sweep(path, ["grid.method.densty=[0.01]"])
+
+
+def test_the_readme_override_example_holds_on_the_demo_sweep(capsys):
+    assert cli.main(["sweep", str(CONFIGS / "demo.yaml"), "grid.method.density=[0.01]", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("210 runs ")

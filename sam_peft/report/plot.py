@@ -12,13 +12,16 @@
 
 from __future__ import annotations
 
-import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
+from scipy.stats import kendalltau, spearmanr
 
 from sam_peft.errors import UserError
+from sam_peft.io import atomic_path, make_folder
 from sam_peft.report.names import method_display, task_display
 from sam_peft.report.results import Results, load_results, read_json, read_jsonl
 from sam_peft.report.table import AVG, build_table, mean_std
@@ -47,13 +50,11 @@ def _save(fig, path: str | Path) -> None:
     """Write the figure whole or not at all (temporary name, then rename)."""
     fmt = check_output(path)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
+        make_folder(path.parent)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
     finally:
-        tmp.unlink(missing_ok=True)
         _pyplot().close(fig)
 
 
@@ -75,31 +76,51 @@ def sparsity_points(results: Results, method: str = "sam") -> dict[str, dict[flo
     return points
 
 
+# One marker per task, drawn open: tasks whose lines coincide (the same scores) stay visible.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
 def plot_sparsity(results: Results, out: str | Path, method: str = "sam", ddof: int = 1) -> None:
     check_output(out)
     points = sparsity_points(results, method)
     plt = _pyplot()
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    for task in [t for t in results.tasks() if t in points]:
+    tested: set[float] = set()
+    for i, task in enumerate([t for t in results.tasks() if t in points]):
         densities = sorted(points[task])
+        tested.update(densities)
+        style = {"marker": MARKERS[i % len(MARKERS)], "fillstyle": "none", "markersize": 7}
         for col, split in enumerate(("test", "train")):
             stats = [mean_std(points[task][d][split], ddof) for d in densities]
             means = np.array([m for m, _ in stats])
             stds = np.array([np.nan if s is None else s for _, s in stats])
-            line, = axes[0, col].plot(densities, means, marker="o", label=task_display(task))
+            line, = axes[0, col].plot(densities, means, label=task_display(task), **style)
             axes[0, col].fill_between(densities, means - stds, means + stds, color=line.get_color(), alpha=0.15)
-            axes[1, col].plot(densities, stds, marker="o", color=line.get_color(), label=task_display(task))
+            axes[1, col].plot(densities, stds, color=line.get_color(), **style)
+    ticks = sorted(tested)
     for col, split in enumerate(("test", "train")):
         axes[0, col].set_title(f"{split}: mean (band: ±std)")
         axes[1, col].set_title(f"{split}: std over runs")
-        axes[1, col].set_xlabel("density p (log scale)")
+        axes[1, col].set_xlabel("density p (log scale; ticks at the densities run)")
         for row in range(2):
-            axes[row, col].set_xscale("log")
-            axes[row, col].grid(alpha=0.3)
+            ax = axes[row, col]
+            ax.set_xscale("log")
+            # Ticks where there are points, labelled plainly; log-scale minor labels (2x10^-3,
+            # 3x10^-3, ...) print over each other when the densities span less than a decade.
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.grid(alpha=0.3)
+        axes[1, col].set_xticks(ticks, [f"{d:g}" for d in ticks], rotation=45 if len(ticks) > 4 else 0,
+                                ha="right" if len(ticks) > 4 else "center")
     axes[0, 0].set_ylabel("major metric")
     axes[1, 0].set_ylabel("std")
-    axes[0, 1].legend(fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), title="task")
     fig.suptitle(f"{method_display(method)}: performance and stability against sparsity (Fig. 3a)")
+    fig.tight_layout()
     _save(fig, out)
 
 
@@ -119,29 +140,74 @@ def stability_ranks(results: Results, split: str = "test", ddof: int = 1):
             [c.mean_rank for _, _, c in cells], [c.std_rank for _, _, c in cells])
 
 
-def plot_stability(results: Results, out: str | Path, split: str = "test", ddof: int = 1) -> tuple[float, float, int]:
-    """Draw Fig. 3b; returns (Spearman rho, its p-value, number of cells)."""
+@dataclass
+class Stability:
+    """Fig. 3b's statistics. Ranks tie often (cells with equal means, or equal stds such as the
+    zero std of runs that all predict one class), and Spearman's p-value then overstates the
+    evidence: Kendall's tau-b accounts for ties, and the tied shares say how many there are."""
+
+    rho: float
+    p: float
+    tau: float
+    tau_p: float
+    n: int
+    tied_performance: float  # share of cells whose performance rank another cell of its task shares
+    tied_stability: float  # the same for stability ranks
+
+    @property
+    def ties_dominate(self) -> bool:
+        return max(self.tied_performance, self.tied_stability) > 0.5
+
+
+def tied_share(tasks: list[str], ranks: list[int]) -> float:
+    """The share of cells whose rank is shared by another cell of the same task."""
+    seen = Counter(zip(tasks, ranks))
+    return sum(seen[(t, r)] > 1 for t, r in zip(tasks, ranks)) / len(ranks)
+
+
+def stability_stats(tasks: list[str], perf: list[int], stab: list[int]) -> Stability:
+    with warnings.catch_warnings():  # constant ranks: nan, reported as such
+        warnings.simplefilter("ignore")
+        rho, p = spearmanr(perf, stab)
+        tau, tau_p = kendalltau(perf, stab)  # variant "b": corrected for ties
+    return Stability(float(rho), float(p), float(tau), float(tau_p), len(perf),
+                     tied_share(tasks, perf), tied_share(tasks, stab))
+
+
+def plot_stability(results: Results, out: str | Path, split: str = "test", ddof: int = 1) -> Stability:
+    """Draw Fig. 3b; returns its statistics (Spearman's rho, Kendall's tau-b, ties)."""
     check_output(out)
     _, tasks, perf, stab = stability_ranks(results, split, ddof)
-    rho, p = spearmanr(perf, stab)
-    rho, p = float(rho), float(p)
+    st = stability_stats(tasks, perf, stab)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     order = list(dict.fromkeys(tasks))
     for i, task in enumerate(order):
         # Ranks are integers, so cells of different tasks would hide each other: each task's
         # points are shifted sideways by a small fixed amount (the correlation uses the ranks).
-        shift = (i - (len(order) - 1) / 2) * 0.5 / max(len(order), 1)
-        xs = [x + shift for x, t in zip(perf, tasks) if t == task]
-        ys = [y for y, t in zip(stab, tasks) if t == task]
-        ax.scatter(xs, ys, alpha=0.8, s=24, label=task_display(task))
+        # Cells of one task with the same two ranks fall on one point, drawn larger.
+        shift = (i - (len(order) - 1) / 2) * 0.7 / max(len(order), 1)
+        here = Counter((x, y) for x, y, t in zip(perf, stab, tasks) if t == task)
+        ax.scatter([x + shift for x, _ in here], [y for _, y in here], alpha=0.75,
+                   s=[24 * n ** 0.5 for n in here.values()], label=task_display(task), marker=MARKERS[i % len(MARKERS)])
+    for (x, y), n in Counter(zip(perf, stab)).items():  # how many cells share each pair of ranks
+        if n > 1:
+            ax.annotate(f"x{n}", (x + 0.38, y), textcoords="offset points", xytext=(0, 5), fontsize=7, color="0.25")
+    top = max(max(perf), max(stab))
+    ax.set_xticks(range(1, top + 1))
+    ax.set_yticks(range(1, top + 1))
     ax.set_xlabel("performance rank (rank of the mean; 1 = best; tasks side by side)")
     ax.set_ylabel("stability rank (rank of the std; 1 = most stable)")
-    ax.set_title(f"Stability vs performance (Fig. 3b)\nSpearman rho = {rho:.4f}, p = {p:.3g}, {len(perf)} cells")
+    ties = (f"tied ranks: {st.tied_performance:.0%} of performance, {st.tied_stability:.0%} of stability"
+            + (" (most: read rho with care)" if st.ties_dominate else ""))
+    ax.set_title(f"Stability vs performance (Fig. 3b), {st.n} cells\n"
+                 f"Spearman rho = {st.rho:.4f} (p = {st.p:.3g}); Kendall tau-b = {st.tau:.4f} (p = {st.tau_p:.3g})\n"
+                 f"{ties}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task (xN: N cells\nshare these ranks)",
+              title_fontsize=8)
     _save(fig, out)
-    return rho, p, len(perf)
+    return st
 
 
 # ---------------------------------------------------------------- Fig. 4
@@ -172,6 +238,11 @@ def projection_steps(result: dict) -> list[int]:
     return steps
 
 
+def _number(value) -> float:
+    """A logged number; null (how a non-finite value is written, see sam_peft.io) is nan."""
+    return float("nan") if value is None else float(value)
+
+
 def plot_curve(path: str | Path, out: str | Path) -> dict:
     """Draw Fig. 4 for one run; returns what was drawn (run dir, number of points, marked steps)."""
     check_output(out)
@@ -179,7 +250,7 @@ def plot_curve(path: str | Path, out: str | Path) -> dict:
     log_path = run_dir / "train_log.jsonl"
     if not log_path.is_file():
         raise UserError(f"{run_dir}: no train_log.jsonl (set train.log_every > 0)")
-    log = [r for r in read_jsonl(log_path) if "step" in r and "loss" in r]
+    log = [{**r, "loss": _number(r["loss"])} for r in read_jsonl(log_path) if "step" in r and "loss" in r]
     if not log:
         raise UserError(f"{log_path}: no training-loss records")
     result = read_json(run_dir / "result.json") if (run_dir / "result.json").is_file() else {}
@@ -187,6 +258,7 @@ def plot_curve(path: str | Path, out: str | Path) -> dict:
         raise UserError(f"{run_dir / 'result.json'}: expected a JSON object")
     evals = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     evals = [e for e in evals if "step" in e and isinstance(e.get("val"), dict) and "major" in e["val"]]
+    evals = [{**e, "val": {**e["val"], "major": _number(e["val"]["major"])}} for e in evals]
     projections = projection_steps(result)
     burnin = result.get("burnin_steps") or 0
 
@@ -196,7 +268,8 @@ def plot_curve(path: str | Path, out: str | Path) -> dict:
     for i, step in enumerate(projections):
         ax.axvline(step, color="tab:red", ls="--", lw=0.8, label="(re-)projection" if i == 0 else None)
     if burnin:
-        ax.axvline(burnin, color="gray", ls=":", lw=1, label="end of burn-in")
+        # Wide and pale, under the re-projection lines: the first projection is often at this very step.
+        ax.axvline(burnin, color="0.6", lw=4, alpha=0.4, zorder=0, label="end of burn-in")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
@@ -208,7 +281,10 @@ def plot_curve(path: str | Path, out: str | Path) -> dict:
         ax2.set_ylabel("validation major metric")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, fontsize=8, loc="upper right")
+    # Below the axes, not on them: wherever it sits inside, some curve passes under it.
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=len(labels),
+              frameon=False)
+    ax.set_xlim(left=0)  # the run starts at step 0, also when the first logged step is later
     who = f"{task_display(result.get('task', ''))} / {method_display(result.get('method', ''))}"
     ax.set_title(f"{who} / seed {result.get('seed', '?')}: training loss (Fig. 4)" if result else str(run_dir))
     _save(fig, out)

@@ -52,21 +52,30 @@ def resolve_reference(results: Results, name: str) -> str:
     raise UserError(f"--method '{name}': no such row in {results.root} (rows: {', '.join(labels) or 'none'})")
 
 
+# Scores are x100 percentages: differences below this are float noise from averaging (58.333...
+# computed two ways), not a difference between runs.
+DECIMALS = 9
+
+
 def compare(results: Results, reference: str, split: str = "test") -> list[Comparison]:
+    """Per task, the reference row against every other row. Welch's t needs 2+ runs on each side
+    and some variance on at least one: where every run of both cells scored the same, t is 0/0,
+    undefined, and reported as None (as for a one-run side), whether or not float noise would
+    have let scipy compute something."""
     cells = results.cells(split)
     out = []
     for task in results.tasks():
-        ref = cells.get((reference, task), [])
-        if not ref:
+        ref = np.round(cells.get((reference, task), []), DECIMALS)
+        if not len(ref):
             continue
         for other in results.labels():
-            vals = cells.get((other, task), [])
-            if other == reference or not vals:
+            vals = np.round(cells.get((other, task), []), DECIMALS)
+            if other == reference or not len(vals):
                 continue
             t = t_p = None
-            with warnings.catch_warnings():  # identical values on both sides: nan, reported as such
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                if len(ref) > 1 and len(vals) > 1:
+                if len(ref) > 1 and len(vals) > 1 and (np.ptp(ref) > 0 or np.ptp(vals) > 0):
                     res = ttest_ind(ref, vals, equal_var=False)
                     t, t_p = float(res.statistic), float(res.pvalue)
                 mw = mannwhitneyu(ref, vals, alternative="two-sided")
@@ -93,6 +102,8 @@ def render_comparisons(reference: str, comparisons: list[Comparison], split: str
                        f"{c.mean_ref - c.mean_other:+.2f} | {_f(c.t, '.3f')} | {_f(c.t_p, '.3g')} | "
                        f"{c.u:.1f} | {c.u_p:.3g} |")
         out.append("")
+    out += ["Welch t and p: '-' where a side has one run, or where no run of either side scored differently "
+            "from the others (no variance: t is undefined).", ""]
     return "\n".join(out)
 
 
