@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
 from sam_peft.errors import UserError
 from sam_peft.io import atomic_path
@@ -94,9 +95,22 @@ def save(path: str | Path, tensors: dict, metadata: dict) -> int:
     meta = {"format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
     if not tensors:  # safetensors cannot write an empty file; keep a marker tensor
         tensors = {"__empty__": torch.zeros(0)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    data = _deterministic(save_bytes(tensors, metadata=meta))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     return path.stat().st_size
+
+
+def _deterministic(raw: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted. safetensors writes the header from a hash
+    map, so its key order (and so the file's bytes and size) changed from one process to the next;
+    sorted, the same delta is the same bytes. Offsets are relative to the data, which stays as is."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to a multiple of 8 bytes
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -137,3 +137,21 @@ def test_delta_rejects_other_base_and_bad_files(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a readable safetensors"):
         delta_lib.apply(other.model, bad)
+
+
+def test_a_delta_file_is_the_same_bytes_whatever_the_metadata_order(tmp_path):
+    # safetensors writes its header from a hash map: the key order, and so the file's bytes and
+    # size (result.json's delta_bytes), changed from one process to the next.
+    import torch
+
+    from sam_peft import delta as delta_lib
+
+    tensors = {"w::index": torch.arange(4, dtype=torch.int32), "head.weight": torch.ones(2, 3),
+               "w::delta": torch.full((4,), 0.5)}
+    meta = {"base_model": "tiny", "task": "cb", "run_id": "r", "eligible": ["w"], "config": {"seed": 1}}
+    sizes = [delta_lib.save(tmp_path / "a.safetensors", tensors, meta),
+             delta_lib.save(tmp_path / "b.safetensors", dict(reversed(list(tensors.items()))),
+                            dict(reversed(list(meta.items()))))]
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert sizes[0] == sizes[1]
+    assert delta_lib.read_metadata(tmp_path / "a.safetensors")["run_id"] == "r"
