@@ -374,7 +374,7 @@ def test_head_keeps_nn_linear_default_init_as_jiant():
 def test_run_ids_carry_the_results_version(monkeypatch):
     import sam_peft.config as config
 
-    cfg = build_config({"task": "cb", "method": {"name": "full"}})
+    cfg = build_config({"model": "tiny", "data_dir": "demo", "task": "cb", "method": {"name": "full"}})
     before = config.run_id(cfg)
     monkeypatch.setattr(config, "RESULTS_VERSION", config.RESULTS_VERSION - 1)
     assert config.run_id(cfg) != before  # results of the older readings get other ids

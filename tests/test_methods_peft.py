@@ -142,8 +142,9 @@ def test_lora_eval_mode_never_merges_into_the_pretrained_weight():
 
 
 @pytest.mark.parametrize("method,trains", [
-    ({"name": "adapter"}, lambda n: ".adapter_ffn." in n),
-    ({"name": "adapter", "config": "houlsby", "train_layernorm": True},
+    # reduction 8: a bottleneck of 4 units, so that ReLU leaves some unit alive in every layer
+    ({"name": "adapter", "reduction": 8}, lambda n: ".adapter_ffn." in n),
+    ({"name": "adapter", "config": "houlsby", "train_layernorm": True, "reduction": 8},
      lambda n: ".adapter_attention." in n or ".adapter_ffn." in n or "LayerNorm" in n),
     ({"name": "lora"}, lambda n: n.endswith((".lora_A", ".lora_B"))),
 ], ids=["adapter", "adapter-houlsby-layernorm", "lora"])
