@@ -114,3 +114,22 @@ def resume_into(trainer, ckpt: dict, plan: TrainPlan):
     trainer.step = int(ckpt["step"])
     trainer.train_log.load(ckpt["train_log"])
     return ckpt["early_stopping"]
+
+
+def load(path, config_hash: str, log) -> dict | None:
+    """The checkpoint at `path` if it is one of this very config, else None (absent, unreadable,
+    or another config's: the run then starts afresh, and says why)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign or damaged file: the run starts afresh
+        log(f"{path}: unreadable checkpoint ({type(e).__name__}); starting the run afresh")
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("config_hash") != config_hash:
+        log(f"{path}: checkpoint of another config; starting the run afresh")
+        return None
+    return ckpt

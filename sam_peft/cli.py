@@ -14,16 +14,11 @@ import sys
 def _cmd_run(args) -> int:
     from sam_peft.config import load_config
     from sam_peft.run import run
+    from sam_peft.rundir import counts_line
 
     cfg = load_config(args.config, args.overrides)
     result = run(cfg, progress=not args.no_progress, force=args.force)
-    m = result["metrics"]
-    print(
-        f"{result['run_id']}: val {m['val']['major']:.2f}  test {m['test']['major']:.2f}  "
-        f"train {m['train']['major']:.2f}  | trainable {result['n_trainable']:,} of {result['n_params']:,}"
-        f" (+{result['n_head']:,} head), changed {result['n_changed']:,}, steps {result['steps']}"
-        f" (best {result['best_step']}), {result['wall_time_s']:.1f}s"
-    )
+    print(counts_line(result))
     print(f"  -> {os.path.join(cfg.output_dir, result['run_id'])}")
     return 0
 

@@ -34,7 +34,7 @@ class Strict(BaseModel):
 
 
 class TrainConfig(Strict):
-    # Paper protocol (REFERENCE.md): batch 16, lr 1e-4, 256 tokens, eval every 500 steps,
+    # The paper's protocol (its authors' scripts/train.sh): batch 16, lr 1e-4, 256 tokens, eval every 500 steps,
     # stop after 40 evaluations without improvement once 20,000 steps are done.
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(64, ge=1)
@@ -115,7 +115,8 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _check_task_and_method(self):
-        # Imported here: methods import the engine, which imports this module.
+        # Imported here, not at the top: the config sits below the methods, and asks their registry
+        # only when a config is validated.
         from sam_peft.methods import method_class, validate_method_options
         from sam_peft.tasks import get_task
 

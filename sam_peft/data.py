@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +138,10 @@ def load_splits(data_dir, task: str | TaskSpec, splits=SPLITS) -> dict[str, list
 
 
 def _read_inputs(record: dict, spec: TaskSpec, where: str) -> dict:
-    if spec.kind == "span_comparison":
-        return _read_wsc_inputs(record, where)
+    return KIND_IO[spec.kind].read(record, spec, where)
+
+
+def _read_fields(record: dict, spec: TaskSpec, where: str) -> dict:
     inputs = {field: _text_field(record, field, where) for field in spec.fields}
     if spec.prompts is not None:
         question = inputs["question"]
@@ -148,7 +151,7 @@ def _read_inputs(record: dict, spec: TaskSpec, where: str) -> dict:
     return inputs
 
 
-def _read_wsc_inputs(record: dict, where: str) -> dict:
+def _read_wsc_inputs(record: dict, spec: TaskSpec, where: str) -> dict:
     text = _text_field(record, "text", where)
     # jiant's files nest the span keys under "target"; other exports put them at the top
     # level. Accept both and always hand on the nested form.
@@ -254,15 +257,7 @@ def encode(spec: TaskSpec, examples: list[Example], tokenizer, max_seq_len: int)
     _check_max_seq_len(tokenizer, spec, max_seq_len)
     features = []
     for start in range(0, len(examples), _ENCODE_CHUNK):
-        chunk = examples[start:start + _ENCODE_CHUNK]
-        if spec.kind in ("classification", "regression"):
-            features.extend(_encode_plain(spec, chunk, tokenizer, max_seq_len))
-        elif spec.kind == "multiple_choice":
-            features.extend(_encode_choices(spec, chunk, tokenizer, max_seq_len))
-        elif spec.kind == "span_comparison":
-            features.extend(_encode_spans(chunk, tokenizer, max_seq_len))
-        else:
-            raise ValueError(f"task {spec.name}: unknown kind {spec.kind!r}")
+        features.extend(KIND_IO[spec.kind].encode(spec, examples[start:start + _ENCODE_CHUNK], tokenizer, max_seq_len))
     return features
 
 
@@ -278,7 +273,7 @@ def _require_fast(tokenizer) -> None:
 
 
 def _check_max_seq_len(tokenizer, spec: TaskSpec, max_seq_len: int) -> None:
-    pair = spec.kind != "span_comparison" and len(spec.fields) > 1
+    pair = KIND_IO[spec.kind].pair(spec)
     needed = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < needed:
         raise UserError(
@@ -327,7 +322,7 @@ def _encode_choices(spec: TaskSpec, examples: list[Example], tokenizer, max_seq_
     return features
 
 
-def _encode_spans(examples: list[Example], tokenizer, max_seq_len: int) -> list[dict]:
+def _encode_spans(spec: TaskSpec, examples: list[Example], tokenizer, max_seq_len: int) -> list[dict]:
     texts = [example.inputs["text"] for example in examples]
     encoding = tokenizer(texts, truncation=True, max_length=max_seq_len, return_offsets_mapping=True)
     features = []
@@ -381,6 +376,30 @@ def _token_span(offsets, content: list[int], char_start: int, char_end: int) -> 
         return [later[0], later[0]]
     position = content[-1] if content else 0
     return [position, position]
+
+
+# ---------------------------------------------------------------------------------------
+# Task kinds: how the examples of each kind are read and encoded (one entry per kind in
+# tasks.KINDS; the model's side of a kind, its head, loss and predictions, is model.HEAD_KINDS)
+
+
+@dataclass(frozen=True)
+class KindIO:
+    read: Callable  # (record, spec, where) -> the example's inputs, validated
+    encode: Callable  # (spec, examples, tokenizer, max_seq_len) -> features
+    pair: Callable  # (spec) -> whether the tokenizer encodes a pair of segments
+
+
+def _two_fields(spec: TaskSpec) -> bool:
+    return len(spec.fields) > 1
+
+
+KIND_IO: dict[str, KindIO] = {
+    "classification": KindIO(_read_fields, _encode_plain, _two_fields),
+    "regression": KindIO(_read_fields, _encode_plain, _two_fields),
+    "multiple_choice": KindIO(_read_fields, _encode_choices, _two_fields),
+    "span_comparison": KindIO(_read_wsc_inputs, _encode_spans, lambda spec: False),
+}
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from sam_peft.data import TaskData, TrainStream, collate, eval_batches, to_devic
 from sam_peft.errors import UserError
 from sam_peft.methods.base import Method, TrainPlan
 from sam_peft.optim import PlanOptimizer
-from sam_peft.params import eligible_names, head_names, layernorm_names, no_decay_names  # noqa: F401
+from sam_peft.params import eligible_names, head_names, layernorm_names, no_decay_names  # noqa: F401 (re-exported)
 from sam_peft.scoring import GradientStats
 from sam_peft.selection import budget, topk_entries
 

@@ -1,7 +1,9 @@
 """Executors: how a sweep's pending runs get executed.
 
 An executor is a function `executor(runs, progress=True) -> list[Outcome]`: it takes the
-PlannedRuns still to do and returns one Outcome per run. Three exist, built by make_executor:
+PlannedRuns still to do and returns one Outcome per run. Builders are registered by name
+(`@register_executor("local")`, `sam-peft sweep --executor NAME`); make_executor calls one.
+Three ways of running exist:
 
 - sequential: each run in this process, one after another (the default on a CPU-only machine);
 - processes:  N worker processes ("spawn") pulling runs from a queue, worker j pinned to GPU
@@ -22,7 +24,6 @@ directory never execute the same run twice.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import queue
 import signal
@@ -33,19 +34,13 @@ import traceback
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from sam_peft.config import RunConfig, config_hash, run_id
+from sam_peft.config import RunConfig, run_id
 from sam_peft.errors import UserError
-from sam_peft.io import atomic_write_json, atomic_write_text, make_folder, write_error
+from sam_peft.io import write_error
 from sam_peft.locks import RUN_LOCK_WAIT_S, hold, lock_path
-
-if TYPE_CHECKING:
-    from sam_peft.sweep import PlannedRun
-
-EXECUTORS = ("local", "ray")
-ERROR_LOG = "error.log"
-
+from sam_peft.rundir import PlannedRun, RunDir, one_line
 
 @dataclass
 class Outcome:
@@ -60,56 +55,20 @@ class Outcome:
 # ---------------------------------------------------------------- one run, in any process
 
 
-def one_line(e: BaseException) -> str:
-    """'Type: first line of the message': the reason stored for a failed run."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def is_out_of_memory(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
-def current_status(run_dir: Path, rid: str) -> str:
-    """Status in result.json, leniently: anything unreadable counts as 'pending' (the run rewrites it).
-
-    The sweep checked every result.json strictly before starting; this re-check under the lock
-    only has to notice what another sweep did since.
-    """
-    from sam_peft.sweep import read_status
-
-    try:
-        return read_status(run_dir / "result.json", rid)
-    except UserError:
-        return "pending"
-
-
 def record_failure(cfg: RunConfig, rid: str, reason: str, trace: str | None = None,
                    log: Callable[[str], Any] = print) -> None:
-    """Mark a run failed in its result.json, keeping what run.run already wrote there.
+    """Mark a run failed in its result record, keeping what the run already wrote there.
 
     When even that cannot be written (a full disk), the sweep goes on: the run keeps its last
     status and the message says why it was not updated."""
     try:
-        _write_failure(cfg, rid, reason, trace)
+        RunDir(Path(cfg.output_dir) / rid, rid).fail(cfg, reason, trace)
     except Exception as e:  # noqa: BLE001 - one run's bookkeeping must not stop the sweep
         log(f"{rid}: could not record the failure ({one_line(e)})")
-
-
-def _write_failure(cfg: RunConfig, rid: str, reason: str, trace: str | None) -> None:
-    run_dir = Path(cfg.output_dir) / rid
-    path = run_dir / "result.json"
-    try:
-        prev = json.loads(path.read_text())
-        prev = prev if isinstance(prev, dict) and prev.get("run_id") == rid else {}
-    except (OSError, ValueError):
-        prev = {}
-    base = {"run_id": rid, "task": cfg.task, "method": cfg.method["name"], "method_options": cfg.method,
-            "seed": cfg.seed, "model": cfg.model, "config_hash": config_hash(cfg)}
-    make_folder(run_dir)
-    if trace:
-        atomic_write_text(run_dir / ERROR_LOG, trace)
-    atomic_write_json(path, {**base, **prev, "status": "failed", "reason": reason})
 
 
 def mark_failed_if_free(cfg: RunConfig, reason: str) -> None:
@@ -117,7 +76,7 @@ def mark_failed_if_free(cfg: RunConfig, reason: str) -> None:
     up since (its lock is free) and it did not finish."""
     rid = run_id(cfg)
     with hold(lock_path(cfg.output_dir, rid), RUN_LOCK_WAIT_S) as mine:
-        if mine and current_status(Path(cfg.output_dir) / rid, rid) not in ("done", "failed"):
+        if mine and RunDir(Path(cfg.output_dir) / rid, rid).status_lenient() not in ("done", "failed"):
             record_failure(cfg, rid, reason, log=_say)
 
 
@@ -148,17 +107,17 @@ def execute_run(cfg: RunConfig, retry_failed: bool = False, run_fn: Callable | N
 
 def _execute_locked(cfg: RunConfig, rid: str, retry_failed: bool, run_fn: Callable,
                     log: Callable[[str], Any]) -> Outcome:
-    run_dir = Path(cfg.output_dir) / rid
+    rd = RunDir(Path(cfg.output_dir) / rid, rid)
     with hold(lock_path(cfg.output_dir, rid), RUN_LOCK_WAIT_S) as mine:
         if not mine:
             return Outcome(rid, "busy", "running in another process")
-        status = current_status(run_dir, rid)
+        status = rd.status_lenient()
         if status == "done" or (status == "failed" and not retry_failed):
             return Outcome(rid, "skipped", f"{status} by another process meanwhile")
         # Under the lock nobody else writes here: a temporary file is what a kill left behind,
         # and an error.log belongs to an earlier failure.
-        for stale in list(run_dir.glob(".*.tmp*")) + [run_dir / ERROR_LOG]:
-            stale.unlink(missing_ok=True)
+        rd.remove_temporaries()
+        rd.error_log.unlink(missing_ok=True)
         log(f"start {rid} (pid {os.getpid()}, device {cfg.device}, threads {cfg.threads or 'default'})")
         started = time.time()
         try:
@@ -430,9 +389,27 @@ def positive_int(value, where: str) -> int | None:
     return n
 
 
+# ---------------------------------------------------------------- the registry
+
+# name -> builder(address, workers, runs_per_gpu, retry_failed) -> (executor, a line saying how it runs)
+_BUILDERS: dict[str, Callable] = {}
+
+
+def register_executor(name: str):
+    """Register an executor builder under a name (`sam-peft sweep --executor NAME`)."""
+    def deco(builder: Callable) -> Callable:
+        _BUILDERS[name] = builder
+        return builder
+    return deco
+
+
+def executor_names() -> list[str]:
+    return list(_BUILDERS)
+
+
 def check_kind(kind: str, address: str | None) -> None:
-    if kind not in EXECUTORS:
-        raise UserError(f"--executor '{kind}': expected one of {', '.join(EXECUTORS)}")
+    if kind not in _BUILDERS:
+        raise UserError(f"--executor '{kind}': expected one of {', '.join(_BUILDERS)}")
     if address and kind != "ray":
         raise UserError(f"--address {address}: only for --executor ray")
 
@@ -440,13 +417,14 @@ def check_kind(kind: str, address: str | None) -> None:
 def make_executor(kind: str = "local", address: str | None = None, workers: int | None = None,
                   runs_per_gpu: int = 1, retry_failed: bool = False) -> tuple[Callable, str]:
     """(executor, a line saying how it will run) for the sweep command's options. Checks the
-    options (and that ray is installed) before anything is written."""
+    options (and that the executor's libraries are installed) before anything is written."""
     check_kind(kind, address)
-    if kind == "ray":
-        import_ray()
-        where = f"the Ray cluster at {address}" if address else f"a local Ray instance ({workers or os.cpu_count()} CPUs)"
-        return (partial(execute_ray, address=address, num_cpus=workers, runs_per_gpu=runs_per_gpu,
-                        retry_failed=retry_failed), f"ray: one task per run on {where}")
+    return _BUILDERS[kind](address=address, workers=workers, runs_per_gpu=runs_per_gpu, retry_failed=retry_failed)
+
+
+@register_executor("local")
+def _local(address, workers, runs_per_gpu, retry_failed):
+    """This machine: one worker process per GPU share, CPU worker processes, or this process."""
     import torch
 
     gpus = torch.cuda.device_count()
@@ -460,3 +438,12 @@ def make_executor(kind: str = "local", address: str | None = None, workers: int 
         return (partial(execute_processes, workers=workers, devices=None, retry_failed=retry_failed),
                 f"local: {workers} worker processes on the CPU, {threads} thread(s) each")
     return partial(execute_local, retry_failed=retry_failed), "local: one run after another in this process (CPU)"
+
+
+@register_executor("ray")
+def _ray(address, workers, runs_per_gpu, retry_failed):
+    """One Ray task per run, on a local instance or the cluster at `address`."""
+    import_ray()
+    where = f"the Ray cluster at {address}" if address else f"a local Ray instance ({workers or os.cpu_count()} CPUs)"
+    return (partial(execute_ray, address=address, num_cpus=workers, runs_per_gpu=runs_per_gpu,
+                    retry_failed=retry_failed), f"ray: one task per run on {where}")

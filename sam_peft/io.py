@@ -247,3 +247,18 @@ def folder_fingerprint(folder: str | Path) -> str:
             continue
         digest.update(f"{rel.as_posix()}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
+
+
+def read_json(path: str | Path) -> object:
+    """A JSON file, or a one-line UserError naming it (not text, not JSON, unreadable)."""
+    from sam_peft.errors import UserError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON, truncated or corrupt ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None

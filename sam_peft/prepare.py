@@ -39,8 +39,9 @@ from tqdm import tqdm
 
 from sam_peft import __version__
 from sam_peft.errors import UserError
+from sam_peft.tasks import TASKS
 
-TASK_NAMES = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")
+TASK_NAMES = tuple(TASKS)
 SPLITS = ("train", "val", "test")
 
 PAPER_REPO = "https://github.com/fuzihaofzh/AnalyzeParameterEfficientFinetune"
@@ -50,56 +51,9 @@ PAPER_BASE_URL = (
     f"{PAPER_COMMIT}/data/tasks/"
 )
 
-# sha256 of data/tasks/data/<task>/<split>.jsonl in the authors' repository at PAPER_COMMIT,
-# computed with sha256sum from byte-identical copies of those files.
-PAPER_SHA256 = {
-    "cola": {
-        "train": "5491e572812a30f38a2b774c30c61c3910811d4fc3bf8018c4ae61158e42df56",
-        "val": "83a6e9237cefcf434672965a4e8f0f927736a1be53ee01a5fb5a598b7be5b293",
-        "test": "3474fdd08922a58afd286de50b3fe7fc866bcfbe58275109d9c79ff413bd8927",
-    },
-    "stsb": {
-        "train": "6d0e2b7e474a613c489dde50ec3f2ce411d835e449e415b7965a219f41271f5a",
-        "val": "bf6ef5ea1686cfdebcab868b60e2cba1b3e88647409c9dfddfc477bbc369e6a5",
-        "test": "3f6760916344281b23f4a4be13193c5a54f332452f72afeb0218fe9ca1559c07",
-    },
-    "mrpc": {
-        "train": "d143c7ee117923713cadbdcd7c51ba40841feec80accba79e5e8f6f4ad911128",
-        "val": "5dfae3ee7c94bd6f884ac94b72837937e25d9da2673a38c96b42815e61d7d1be",
-        "test": "f957a1da865a7300f02c754faf144863ac15848eba16867c9c76d35281956449",
-    },
-    "rte": {
-        "train": "67b5c03084a8d889f02fd8a78f60114a849c650972cdaeb336c51d06382215be",
-        "val": "2018c7890741da3932905e3eaf93b62c5ec1e738feae54e5d27e19ed13ebd6cf",
-        "test": "5be1b33721f4bde85eb213feedd12f1a8fc524cf07bb84359e5c177512b4462d",
-    },
-    "cb": {
-        "train": "ea40353f4750b2d1aed0c2f74a50bc8749b56fe66d786099cc2d1d99b89b8e1c",
-        "val": "af4abbe7acbed9626dc1c872039d6368f4291e24adb842c1eaf2c223dd3cc0bc",
-        "test": "c4b436a826a76c730c128697ae952f01a56c4c8a1059d04e80e87a8433afc1c7",
-    },
-    "copa": {
-        "train": "67f286857f621b7a5cd730688d556e5e8d0f9ea189390c67d4bd43876c3b17a6",
-        "val": "c993f2626c6c5349c3fd26a200a1bfdfd752c8193a8a57c1e83a18eec4ca7fa4",
-        "test": "8f77b9bdc46b0ef7cc626110c4d30b5011f6ac3640d572657d98f1405638bce3",
-    },
-    "wsc": {
-        "train": "6e93fe870ed2328cd33316823a434ba123ab66329d4577f33945e345ed459c0e",
-        "val": "d22179ae8cda280441b0bc933ffaefe278ecc7ae53979e18eae28beb4c2f68f7",
-        "test": "e5c685ea4bdc347354036a28176459f6feeb0b6870375ecfb3d6ddb1f0e28bef",
-    },
-}
-
-# Hub dataset ids and configs (as of 2025; the canonical "glue"/"super_glue" names moved).
-HUB_DATASETS = {
-    "cola": ("nyu-mll/glue", "cola"),
-    "stsb": ("nyu-mll/glue", "stsb"),
-    "mrpc": ("nyu-mll/glue", "mrpc"),
-    "rte": ("nyu-mll/glue", "rte"),
-    "cb": ("aps/super_glue", "cb"),
-    "copa": ("aps/super_glue", "copa"),
-    "wsc": ("aps/super_glue", "wsc.fixed"),
-}
+# Views of the task table (sam_peft.tasks.TASKS owns each task's sources).
+PAPER_SHA256 = {name: spec.source.paper_sha256 for name, spec in TASKS.items()}
+HUB_DATASETS = {name: spec.source.hub for name, spec in TASKS.items()}
 HUB_VAL_FRACTION = 0.1
 
 # Download behaviour; module-level so tests can shorten them.
@@ -353,58 +307,24 @@ def _split_train_val(rows: list[dict], seed: int, where: str) -> tuple[list[dict
 
 
 # Hub class ids -> the label values the paper files use (index = hub id).
-_TWO_STRINGS = ("0", "1")
-_RTE_LABELS = ("entailment", "not_entailment")
-# Official SuperGLUE names. The paper's CB files use a permutation of these names; the
-# metrics (accuracy, macro F1) do not care which name a class carries.
-_CB_LABELS = ("entailment", "contradiction", "neutral")
-_COPA_LABELS = (0, 1)
-_WSC_LABELS = (False, True)
-
-
 def _convert(task: str, row, where: str) -> dict:
-    """One hub row -> one record in the paper files' format."""
+    """One hub row -> one record in the paper files' format (the task table's hub_fields)."""
+    source = TASKS[task].source
     try:
-        idx = int(row["idx"])
-        if task == "cola":
-            return {"idx": idx, "label": _class(row, _TWO_STRINGS), "text": row["sentence"]}
-        if task == "stsb":
-            return {"idx": idx, "label": _score(row), "text_a": row["sentence1"], "text_b": row["sentence2"]}
-        if task == "mrpc":
-            label = _class(row, _TWO_STRINGS)
-            return {"idx": idx, "label": label, "text_a": row["sentence1"], "text_b": row["sentence2"]}
-        if task == "rte":
-            label = _class(row, _RTE_LABELS)
-            return {"idx": idx, "label": label, "premise": row["sentence1"], "hypothesis": row["sentence2"]}
-        if task == "cb":
-            label = _class(row, _CB_LABELS)
-            return {"idx": idx, "label": label, "premise": row["premise"], "hypothesis": row["hypothesis"]}
-        if task == "copa":
-            return {
-                "idx": idx,
-                "label": _class(row, _COPA_LABELS),
-                "premise": row["premise"],
-                "question": row["question"],
-                "choice1": row["choice1"],
-                "choice2": row["choice2"],
-            }
-        if task == "wsc":
-            return {
-                "idx": idx,
-                "label": _class(row, _WSC_LABELS),
-                "text": row["text"],
-                "target": {
-                    "span1_index": int(row["span1_index"]),
-                    "span1_text": row["span1_text"],
-                    "span2_index": int(row["span2_index"]),
-                    "span2_text": row["span2_text"],
-                },
-            }
+        label = _score(row) if source.hub_labels is None else _class(row, source.hub_labels)
+        record = {"idx": int(row["idx"]), "label": label}
+        for key, column in source.hub_fields.items():
+            value = row[column]
+            *parents, last = key.split(".")
+            node = record
+            for part in parents:  # "target.span1_index" nests under "target", as jiant's WSC files
+                node = node.setdefault(part, {})
+            node[last] = int(value) if last.endswith("_index") else value
+        return record
     except KeyError as err:
         raise UserError(f"{where}: missing field {err.args[0]!r}") from None
     except (TypeError, ValueError) as err:
         raise UserError(f"{where}: {_one_line(str(err))}") from None
-    raise AssertionError(f"no converter for task {task!r}")  # TASK_NAMES and this function disagree
 
 
 def _class(row, labels: tuple):

@@ -3,12 +3,8 @@
 Everything that can be wrong with the input (config, task, method, data files, labels, model)
 is checked before the run directory is created, so bad input leaves nothing behind.
 
-Run directory `<output_dir>/<run_id>/`:
-  config.yaml        the resolved config (defaults filled in)
-  metrics.jsonl      one line per evaluation: step, train loss, lr, val metrics
-  train_log.jsonl    mean training loss every `train.log_every` steps (learning curves, Fig. 4)
-  result.json        status, metrics (val/test/train), counts, steps, timings
-  delta.safetensors  what changed (see delta.py)
+It writes `<output_dir>/<run_id>/` through rundir.RunDir (the files and the result record's
+states are described there).
 """
 
 from __future__ import annotations
@@ -27,17 +23,18 @@ import numpy as np
 import torch
 
 import sam_peft
+from sam_peft import checkpoint as ckpt_lib
 from sam_peft import delta as delta_lib
-from sam_peft.config import RunConfig, config_dict, config_hash, run_id
+from sam_peft.config import RunConfig, config_dict, config_hash
 from sam_peft.data import Example, encode, load_splits, resolve_data_dir
-from sam_peft.engine import CHECKPOINT_FORMAT, CheckpointMismatch, TaskData, Trainer, eligible_names, head_names
+from sam_peft.engine import CheckpointMismatch, TaskData, Trainer, eligible_names, head_names
 from sam_peft.errors import UserError
-from sam_peft.io import (append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_yaml, make_folder,
-                         remove_stale_temps, truncate_jsonl, unwritable_folder_reason)
+from sam_peft.io import append_jsonl, atomic_torch_save, unwritable_folder_reason
 from sam_peft.methods import build_method
 from sam_peft.methods.base import Method
 from sam_peft.model import TaskModel, load_backbone
 from sam_peft.params import GROUPS, param_group, param_kinds
+from sam_peft.rundir import RunDir
 from sam_peft.tasks import TaskSpec, get_task
 
 
@@ -271,24 +268,6 @@ class PeakMemory:
                 "peak_mem_kind": "process_max_rss"}
 
 
-CHECKPOINT = "checkpoint.pt"
-
-
-def load_checkpoint(path: Path, chash: str, log) -> dict | None:
-    """A checkpoint of this very config, or None (absent, unreadable, or another config's)."""
-    if not path.is_file():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign or damaged file: the run starts afresh
-        log(f"{path}: unreadable checkpoint ({type(e).__name__}); starting the run afresh")
-        return None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("config_hash") != chash:
-        log(f"{path}: checkpoint of another config; starting the run afresh")
-        return None
-    return ckpt
-
-
 def run(cfg: RunConfig, progress: bool = True, force: bool = False, log=print) -> dict:
     """Train one configuration; returns result.json's content.
 
@@ -301,49 +280,23 @@ def run(cfg: RunConfig, progress: bool = True, force: bool = False, log=print) -
         return _run(cfg, progress, force, log)
     except Exception as e:
         try:
-            result_path = Path(cfg.output_dir) / run_id(cfg) / "result.json"
+            rd = RunDir.of(cfg)
         except Exception:  # noqa: BLE001 - no run id (e.g. no data): nothing was started
-            result_path = None
-        if result_path is not None:
-            record_failed(result_path, e, log)
+            rd = None
+        if rd is not None:
+            rd.fail_mine(e, log)
         raise
-
-
-def record_failed(result_path: Path, e: BaseException, log, **extra) -> None:
-    """Mark the run this process started failed, with a one-line reason: only if its result.json
-    says "running" with this process's pid (bad input found before the start leaves an earlier,
-    interrupted attempt as it was).
-
-    Best effort: when even this cannot be written (the disk is still full), the caller's exception
-    carries the reason, and the run stays "running" with a free lock, i.e. interrupted."""
-    from sam_peft.executors import one_line
-
-    try:
-        result = json.loads(result_path.read_text())
-    except (OSError, ValueError):
-        return  # not started: nothing was written
-    if not isinstance(result, dict) or result.get("status") != "running" or result.get("pid") != os.getpid():
-        return
-    try:
-        atomic_write_json(result_path, {**result, **extra, "status": "failed", "reason": one_line(e)})
-    except Exception as failure:  # noqa: BLE001 - the run's own error is the one to report
-        log(f"{result_path}: could not record the failure ({failure})")
 
 
 def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
     if cfg.threads:  # set by the executors: float results can depend on the number of threads
         torch.set_num_threads(cfg.threads)
-    rid = run_id(cfg)
-    run_dir = Path(cfg.output_dir) / rid
-    result_path = run_dir / "result.json"
-    if result_path.is_file() and not force:
-        try:
-            prev = json.loads(result_path.read_text())
-        except (OSError, ValueError):
-            prev = {}
+    rd = RunDir.of(cfg)
+    if not force:
+        prev = rd.read_lenient()
         if prev.get("status") == "done":
-            remove_stale_temps(result_path)  # a kill during its last write left one
-            log(f"{run_dir}: already done (use --force to run it again)")
+            rd.remove_stale_result_temps()  # a kill during its last write left one
+            log(f"{rd.path}: already done (use --force to run it again)")
             return prev
 
     unwritable = unwritable_folder_reason(cfg.output_dir)
@@ -354,49 +307,30 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
     model, method, device = built.model, built.method, built.device
     frozen = built.base_names - set(built.eligible)
     frozen_before = _frozen_fingerprint(model, frozen)
-    make_folder(run_dir)
-    for stale in run_dir.glob(".*.tmp*"):  # a write cut short by a kill (atomic writes: never the real file)
-        stale.unlink(missing_ok=True)
-    atomic_write_yaml(run_dir / "config.yaml", config_dict(cfg))
     chash = config_hash(cfg)
-    ckpt_path = run_dir / CHECKPOINT
-    resume = None if force else load_checkpoint(ckpt_path, chash, log)
-    metrics_path = run_dir / "metrics.jsonl"
-    train_log_path = run_dir / "train_log.jsonl"
+    resume = None if force else ckpt_lib.load(rd.checkpoint, chash, log)
+    base = rd.start(cfg)  # the folder, config.yaml and the "running" record
     if resume is None:
-        for path in (metrics_path, train_log_path, ckpt_path):
-            path.unlink(missing_ok=True)
+        rd.clear_for_a_fresh_start()
     else:
-        log(f"{run_dir}: resuming from step {resume['step']}")
-        for path in (metrics_path, train_log_path):
-            truncate_jsonl(path, resume["step"])
-    base = {
-        "run_id": rid,
-        "task": cfg.task,
-        "method": cfg.method["name"],
-        "method_options": cfg.method,
-        "seed": cfg.seed,
-        "model": cfg.model,
-        "config_hash": config_hash(cfg),
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    atomic_write_json(result_path, {**base, "status": "running", "pid": os.getpid(), "host": platform.node()})
+        log(f"{rd.path}: resuming from step {resume['step']}")
+        rd.rewind_logs(resume["step"])
 
-    curves = Curves(run_dir / "tb" if cfg.train.tensorboard else None)
+    curves = Curves(rd.tensorboard if cfg.train.tensorboard else None)
 
     def log_eval(rec):
-        append_jsonl(metrics_path, rec)
+        append_jsonl(rd.metrics, rec)
         curves.add({"val/major": rec["val"]["major"], "train/loss_eval_interval": rec["train_loss"]}, rec["step"])
 
     def log_train(rec):
-        append_jsonl(train_log_path, rec)
+        append_jsonl(rd.train_log, rec)
         curves.add({"train/loss": rec["loss"], "train/lr": rec["lr"]}, rec["step"])
 
     elapsed_before = float(resume.get("elapsed_s", 0.0)) if resume else 0.0  # time spent before a restart
 
     def save_checkpoint(state):
         elapsed = elapsed_before + time.time() - started
-        atomic_torch_save(ckpt_path, {**state, "config_hash": chash, "elapsed_s": elapsed})
+        atomic_torch_save(rd.checkpoint, {**state, "config_hash": chash, "elapsed_s": elapsed})
 
     trainer = Trainer(cfg, model, method, built.data, device, built.eligible, log_eval=log_eval,
                       log_train=log_train, checkpoint=save_checkpoint, progress=progress,
@@ -407,11 +341,11 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
             fit = trainer.fit(resume=resume)
     except CheckpointMismatch as e:
         curves.close()
-        log(f"{ckpt_path}: {e}; starting the run afresh")
-        ckpt_path.unlink(missing_ok=True)
+        log(f"{rd.checkpoint}: {e}; starting the run afresh")
+        rd.checkpoint.unlink(missing_ok=True)
         return _run(cfg, progress=progress, force=True, log=log)
     except Exception as e:
-        record_failed(result_path, e, log, wall_time_s=round(time.time() - started, 3))
+        rd.fail_mine(e, log, wall_time_s=round(time.time() - started, 3))
         raise
     finally:
         curves.close()
@@ -435,14 +369,14 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
         "base_model": cfg.model,
         "task": cfg.task,
         "method": cfg.method,
-        "run_id": rid,
+        "run_id": rd.run_id,
         "config": config_dict(cfg),
         "eligible": built.eligible,
         "base_fingerprint": delta_lib.base_fingerprint(trainer.theta0),
         "tokenizer_fingerprint": delta_lib.tokenizer_fingerprint(built.tokenizer),
         "sam_peft_version": sam_peft.__version__,
     }
-    delta_bytes = delta_lib.save(run_dir / "delta.safetensors", tensors, meta)
+    delta_bytes = delta_lib.save(rd.delta, tensors, meta)
     full_bytes = sum(p.numel() * 4 for p in model.parameters())
 
     result = {
@@ -476,8 +410,8 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_json(result_path, result)
-    ckpt_path.unlink(missing_ok=True)  # the run is done: nothing to resume
+    rd.write(result)
+    rd.checkpoint.unlink(missing_ok=True)  # the run is done: nothing to resume
     return result
 
 
@@ -485,17 +419,13 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
     """Rebuild base + method structure + delta and evaluate: (metrics, result.json or {})."""
     from sam_peft.config import load_config
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run directory")
-    cfg = load_config(run_dir / "config.yaml")
-    result = {}
-    if (run_dir / "result.json").is_file():
-        try:
-            result = json.loads((run_dir / "result.json").read_text())
-        except ValueError:
-            raise UserError(f"{run_dir / 'result.json'}: not valid JSON") from None
-    delta_path = run_dir / "delta.safetensors"
+    rd = RunDir(run_dir)
+    if not rd.path.is_dir():
+        raise UserError(f"{rd.path}: no such run directory")
+    cfg = load_config(rd.config)
+    record = rd.read()  # strict: a result.json that does not parse is an error naming it
+    result = record if isinstance(record, dict) else {}
+    delta_path = rd.delta
     check_delta_belongs(delta_path, delta_lib.read_metadata(delta_path), cfg, result)
     built = build(cfg, splits=(split,))
     theta0 = {n: p.detach().clone() for n, p in built.model.named_parameters() if n in set(built.eligible)}

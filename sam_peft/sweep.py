@@ -71,7 +71,7 @@ from sam_peft.errors import UserError
 from sam_peft.io import atomic_write_json, make_folder, unwritable_folder_reason
 from sam_peft.locks import hold, lock_path
 from sam_peft.methods import method_display
-from sam_peft.report.results import read_json
+from sam_peft.rundir import PlannedRun, RunDir  # noqa: F401 (PlannedRun: re-exported)
 
 ORDER = "grid x methods x tasks x seeds"
 SWEEP_KEYS = ("tasks", "methods", "seeds", "grid", "base", "runs_per_gpu")
@@ -85,29 +85,6 @@ METHOD_SWEEP_KEYS = ("label", "grid")
 # labels follow from the grid, and a different method is a different entry of `methods`.
 GRID_FORBIDDEN_ROOTS = ("task", "seed", "label", "output_dir") + SWEEP_KEYS
 GRID_FORBIDDEN_KEYS = ("method", "method.name")
-
-
-@dataclass
-class PlannedRun:
-    cfg: RunConfig
-    run_id: str
-    label: str
-    grid: dict = field(default_factory=dict)  # this run's grid values, by dotted key
-    entry: int = 0  # index of its method entry in the sweep's `methods`
-    row: str = ""  # its method entry's label without grid values
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.cfg.output_dir) / self.run_id
-
-    def record(self) -> dict:
-        """This run's line in sweep.json."""
-        return {"run_id": self.run_id, "task": self.cfg.task, "method": self.cfg.method["name"],
-                "label": self.label, "row": self.row or self.label, "seed": self.cfg.seed, "grid": self.grid}
-
-    def status(self) -> str:
-        """done / failed / running / pending, from result.json (a foreign or broken one: UserError)."""
-        return read_status(self.run_dir / "result.json", self.run_id)
 
 
 @dataclass
@@ -509,26 +486,6 @@ def check_data(runs: list[PlannedRun]) -> None:
 
 # ---------------------------------------------------------------- execution
 
-STATUSES = ("running", "done", "failed")
-
-
-def read_status(path: Path, rid: str) -> str:
-    """done / failed / running from a run's result.json, or "pending" when there is none.
-
-    Results are written atomically, so a file that does not parse, or is not this run's result,
-    was not written by a sam-peft run: it is an error naming the file, not a run to redo silently.
-    """
-    if not path.is_file():
-        return "pending"
-    result = read_json(path)
-    if not isinstance(result, dict) or result.get("run_id") != rid:
-        raise UserError(f"{path}: not the result of run {rid} (a foreign file?); move it away and run the sweep again")
-    status = result.get("status")
-    if status not in STATUSES:
-        raise UserError(f"{path}: unknown status {status!r} (expected one of {', '.join(STATUSES)})")
-    return status
-
-
 def write_plan(sweep: Sweep) -> None:
     """sweep.json, under a lock: a concurrent sweep may be writing it too, and a write cut short by
     a kill left a temporary file that only a writer holding the lock may remove."""
@@ -550,7 +507,7 @@ def run_sweep(sweep: Sweep, progress: bool = True, executor: Callable | None = N
     "running" were interrupted (or are running elsewhere, which their lock tells). Returns the
     exit status: 0 when every run is done, 1 when any run of the sweep is failed.
     """
-    from sam_peft.executors import current_status, execute_local
+    from sam_peft.executors import execute_local
 
     check_data(sweep.runs)
     status = {r.run_id: r.status() for r in sweep.runs}  # every result.json checked before writing
@@ -584,13 +541,12 @@ def run_sweep(sweep: Sweep, progress: bool = True, executor: Callable | None = N
     # could not say so, the disk being full), earlier ones, and those of a concurrent sweep that ran
     # some of these runs.
     failed_now = any(o.status == "failed" for o in outcomes)
-    return 1 if failed_now or any(current_status(r.run_dir, r.run_id) == "failed" for r in sweep.runs) else 0
+    return 1 if failed_now or any(RunDir(r.run_dir, r.run_id).status_lenient() == "failed" for r in sweep.runs) else 0
 
 
 def _busy_now(sweep: Sweep, outcomes) -> dict[str, int]:
     """Where the runs that another process held when this one reached them stand now: it may
     have finished them since (the summary must not call a finished run running)."""
-    from sam_peft.executors import current_status
     from sam_peft.locks import is_held
 
     by_id = {r.run_id: r for r in sweep.runs}
@@ -599,7 +555,7 @@ def _busy_now(sweep: Sweep, outcomes) -> dict[str, int]:
         if o.status != "busy":
             continue
         r = by_id[o.run_id]
-        status = current_status(r.run_dir, r.run_id)
+        status = RunDir(r.run_dir, r.run_id).status_lenient()
         if status == "done":
             state = "done by another process"
         elif status == "failed":

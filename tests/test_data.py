@@ -334,3 +334,10 @@ def test_eval_batches_longest_first_cover_all():
     lengths = [5, 9, 1, 9, 3]
     batches = eval_batches(lengths, batch_size=2)
     assert batches == [[1, 3], [0, 4], [2]]
+
+
+def test_every_task_kind_has_its_reading_and_encoding():
+    from sam_peft.data import KIND_IO
+    from sam_peft.tasks import KINDS, TASKS
+
+    assert set(KIND_IO) == set(KINDS) and {spec.kind for spec in TASKS.values()} <= set(KINDS)

@@ -453,3 +453,15 @@ def test_a_failed_prepare_leaves_no_empty_folders(tiny_mirror, tmp_path, monkeyp
         prepare_data(out, tasks=["cb"], base_url=str(tiny_mirror), progress=False)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["data", "data/cb", "data/cb/train.jsonl",
                                                                        "data/cb/val.jsonl"]
+
+
+def test_hub_rows_convert_by_the_task_tables_fields():
+    # The task table (tasks.TASKS[...].source) says which hub column becomes which record key.
+    wsc = prepare._convert("wsc", {"idx": 9, "label": 1, "text": "t u v", "span1_index": 0, "span1_text": "t",
+                                   "span2_index": 2, "span2_text": "v"}, "row")
+    assert wsc == {"idx": 9, "label": True, "text": "t u v",
+                   "target": {"span1_index": 0, "span1_text": "t", "span2_index": 2, "span2_text": "v"}}
+    stsb = prepare._convert("stsb", {"idx": 4, "label": 3.2, "sentence1": "x", "sentence2": "y"}, "row")
+    assert stsb == {"idx": 4, "label": 3.2, "text_a": "x", "text_b": "y"}
+    with pytest.raises(UserError, match="row: missing field 'sentence2'"):
+        prepare._convert("rte", {"idx": 1, "label": 0, "sentence1": "p"}, "row")

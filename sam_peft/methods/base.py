@@ -1,6 +1,6 @@
 """The one interface every fine-tuning method implements.
 
-A method says four things (ARCHITECTURE.md), and nothing else in the engine knows its name:
+A method says four things (docs/architecture.md), and nothing else in the engine knows its name:
 1. `wrap`: permanent changes to the model's structure (adapter or LoRA modules). Called when
    training and again when `sam-peft eval` rebuilds the model from the base and the delta.
 2. `select`: which entries train, as a TrainPlan (whole tensors and/or flat index sets inside

@@ -26,9 +26,9 @@ from pathlib import Path
 import yaml
 
 from sam_peft.errors import UserError
+from sam_peft.io import read_json
 from sam_peft.report.names import method_display, paper_label_order, paper_task_order
-
-OUR_KEYS = ("run_id", "task", "method", "status")
+from sam_peft.rundir import OUR_KEYS, RunDir, is_result
 
 
 def warn(msg: str) -> None:
@@ -104,17 +104,6 @@ class Results:
             p["method"] for p in self.planned if p["label"] == label}
 
 
-def read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text())
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON, truncated or corrupt ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-
-
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a jsonl log (see the module docstring for a cut-short last line)."""
     try:
@@ -185,8 +174,8 @@ def load_results(root: str | Path) -> Results:
     runs: list[RunRecord] = []
     ignored = 0
     for path in sorted(root.rglob("result.json")):
-        result = read_json(path)
-        if not isinstance(result, dict) or not all(k in result for k in OUR_KEYS):
+        result = RunDir(path.parent).read()
+        if not is_result(result):
             warn(f"{path}: not a sam-peft result (no {', '.join(OUR_KEYS)}); ignored")
             continue
         # The nearest sweep.json above this run decides whether it counts.

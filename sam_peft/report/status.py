@@ -20,7 +20,9 @@ from pathlib import Path
 
 from sam_peft.errors import UserError
 from sam_peft.locks import is_held, lock_path
-from sam_peft.report.results import OUR_KEYS, read_json, read_sweep, warn
+from sam_peft.io import read_json
+from sam_peft.report.results import read_sweep, warn
+from sam_peft.rundir import OUR_KEYS, RunDir, is_result
 
 STATES = ("done", "failed", "running", "interrupted", "missing")
 OTHER = "other"
@@ -42,9 +44,10 @@ class Group:
 def _state(run_dir: Path, rid: str | None = None) -> tuple[str, str, str | None] | None:
     """(run id, state, reason) of one run directory; None for a result.json that is not a
     sam-peft result. `rid`: the planned run id (else the one result.json names)."""
-    path = run_dir / "result.json"
-    result = read_json(path) if path.is_file() else None
-    if result is not None and (not isinstance(result, dict) or not all(k in result for k in OUR_KEYS)):
+    rd = RunDir(run_dir)
+    path = rd.result
+    result = rd.read()
+    if result is not None and not is_result(result):
         warn(f"{path}: not a sam-peft result (no {', '.join(OUR_KEYS)}); ignored")
         return None
     rid = rid or str(result["run_id"])
