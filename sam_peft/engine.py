@@ -144,6 +144,22 @@ class EarlyStopping:
     def from_state(cls, state: dict) -> "EarlyStopping":
         return cls(**state)
 
+    def observe(self, step: int, val: dict, snapshot) -> bool:
+        """Count an evaluation; keep `snapshot()` if it is the best so far. True if it improved."""
+        self.n_evals += 1
+        improved = self.best_val is None or val["major"] > self.best_val["major"]
+        if improved:
+            self.best, self.best_step, self.best_val, self.bad = snapshot(), step, val, 0
+        else:
+            self.bad += 1
+        return improved
+
+    def mean_loss(self) -> float:
+        """The mean training loss since the last evaluation (and forget those losses)."""
+        mean = float(torch.stack(self.losses).float().mean()) if self.losses else float("nan")
+        self.losses = []
+        return mean
+
 
 class TrainLog:
     """The mean training loss every `every` steps, to a callback; a non-finite mean stops the run."""
@@ -210,6 +226,22 @@ class FitResult:
     timings: dict = field(default_factory=dict)
     optimizer_state_bytes: int = 0
     resumed_from: int | None = None  # the step a resumed run continued from
+
+
+@torch.no_grad()
+def predict(model, data: TaskData, split: str, batch_size: int, device, autocast, limit: int | None = None) -> list:
+    """The model's predictions on a split (its first `limit` examples), in eval mode, in batches
+    of similar length; `autocast()` gives the precision context."""
+    feats = data.features[split][:limit]
+    preds = [None] * len(feats)
+    model.eval()
+    for idx in eval_batches(data.lengths(split)[: len(feats)], batch_size):
+        batch = to_device(collate([feats[i] for i in idx], data.pad_id), device)
+        with autocast():
+            logits = model(batch)
+        for i, p in zip(idx, model.predictions(model.kind, logits).cpu().tolist()):
+            preds[i] = p
+    return preds
 
 
 # ------------------------------------------------------------------------ the trainer
@@ -324,23 +356,12 @@ class Trainer:
             self._tick(loss=f"{loss.item():.4f}", phase="burn-in")
 
     # -------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def predict(self, split: str, limit: int | None = None) -> list:
-        feats = self.data.features[split][:limit]
-        preds = [None] * len(feats)
-        self.model.eval()
+    def evaluate(self, split: str, limit: int | None = None) -> dict:
+        """The task's metrics on a split (its first `limit` examples), with the weights the
+        method says evaluation sees."""
         weights = self.method.eval_weights(self.model, split) if self.method else contextlib.nullcontext()
         with weights:
-            for idx in eval_batches(self.data.lengths(split)[: len(feats)], self.t.eval_batch_size):
-                batch = to_device(collate([feats[i] for i in idx], self.data.pad_id), self.device)
-                with self.autocast():
-                    logits = self.model(batch)
-                for i, p in zip(idx, self.model.predictions(self.model.kind, logits).cpu().tolist()):
-                    preds[i] = p
-        return preds
-
-    def evaluate(self, split: str, limit: int | None = None) -> dict:
-        preds = self.predict(split, limit)
+            preds = predict(self.model, self.data, split, self.t.eval_batch_size, self.device, self.autocast, limit)
         return metrics_lib.compute(self.data.spec, preds, self.data.labels(split)[: len(preds)])
 
     # -------------------------------------------------------------- the run
@@ -401,15 +422,8 @@ class Trainer:
         te = time.perf_counter()
         val = self.evaluate("val", t.val_subset)
         st.eval_s += time.perf_counter() - te
-        st.n_evals += 1
-        train_loss = float(torch.stack(st.losses).float().mean()) if st.losses else float("nan")
-        st.losses = []
-        improved = st.best_val is None or val["major"] > st.best_val["major"]
-        if improved:
-            st.best = ckpt_lib.snapshot(self.model, self.params, plan, self.method)
-            st.best_step, st.best_val, st.bad = self.step, val, 0
-        else:
-            st.bad += 1
+        train_loss = st.mean_loss()
+        improved = st.observe(self.step, val, lambda: ckpt_lib.snapshot(self.model, self.params, plan, self.method))
         self.log_eval({"step": self.step, "train_loss": train_loss,
                        "lr": learning_rate(self.step, t.lr, t.max_steps, self.warmup_steps),
                        "val": val, "best": improved})
