@@ -15,7 +15,10 @@ from safetensors import safe_open
 
 import sam_peft.engine as engine
 from sam_peft.config import build_config, config_dict
-from sam_peft.run import CHECKPOINT, run
+from sam_peft.rundir import RunDir
+from sam_peft.run import run
+
+CHECKPOINT = RunDir(".").checkpoint.name
 
 PROTOCOL = {"max_steps": 40, "eval_every": 10, "patience": 100, "min_steps": 0, "max_seq_len": 64, "lr": 5e-3,
             "log_every": 5, "checkpoint_every": 10}
