@@ -28,7 +28,7 @@ import torch
 import sam_peft
 from sam_peft import delta as delta_lib
 from sam_peft.config import RunConfig, config_dict, config_hash, run_id
-from sam_peft.data import Example, demo_data_dir, encode, load_splits
+from sam_peft.data import Example, check_text, demo_data_dir, encode, load_splits
 from sam_peft.engine import CHECKPOINT_FORMAT, CheckpointMismatch, TaskData, Trainer, eligible_names, head_names
 from sam_peft.errors import UserError
 from sam_peft.io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_yaml, truncate_jsonl
@@ -118,6 +118,9 @@ def build(cfg: RunConfig, splits=("train", "val", "test")) -> Built:
         raise UserError(f"{data_dir}: task '{spec.name}' has no training examples left")
     encoder, tokenizer = load_backbone(cfg.model, texts, cfg.train.max_seq_len)
     features = {s: encode(spec, examples[s], tokenizer, cfg.train.max_seq_len) for s in splits}
+    # Before anything trains: the tokenizer must read the text (the split trained on, else the one evaluated).
+    checked = "train" if "train" in features else splits[0]
+    check_text(features[checked], tokenizer, cfg.model, f"{spec.name} {checked}")
     seed_everything(cfg.seed)
     model = TaskModel(encoder, spec, cfg.train.dropout)
     eligible = eligible_names(model, cfg.method.get("embeddings", True), cfg.method.get("layernorm", True))

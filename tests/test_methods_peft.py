@@ -11,6 +11,7 @@ from sam_peft.methods import build_method, validate_method_options
 from sam_peft.methods.lora import DEFAULT_TARGETS, targeted
 from sam_peft.model import TaskModel
 from sam_peft.tasks import get_task
+from util import needs_adapters
 
 SIZES = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -47,8 +48,8 @@ def wrapped(family: str, method: dict) -> tuple[TaskModel, TaskModel]:
 
 @pytest.mark.parametrize("family", ["roberta", "bert"])
 @pytest.mark.parametrize("method", [
-    {"name": "adapter", "config": "pfeiffer"},
-    {"name": "adapter", "config": "houlsby"},
+    pytest.param({"name": "adapter", "config": "pfeiffer"}, marks=needs_adapters),
+    pytest.param({"name": "adapter", "config": "houlsby"}, marks=needs_adapters),
     {"name": "lora"},
 ], ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_zero_initialised_outputs_give_the_equivalent_model(family, method):
@@ -61,7 +62,7 @@ def test_zero_initialised_outputs_give_the_equivalent_model(family, method):
 
 @pytest.mark.parametrize("family", ["roberta", "bert"])
 @pytest.mark.parametrize("method", [
-    {"name": "adapter", "zero_init": False},
+    pytest.param({"name": "adapter", "zero_init": False}, marks=needs_adapters),
     {"name": "lora", "b_init": "kaiming"},
 ], ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_non_zero_init_changes_the_outputs(family, method):
@@ -71,7 +72,8 @@ def test_non_zero_init_changes_the_outputs(family, method):
 
 
 @pytest.mark.parametrize("family", ["roberta", "bert"])
-@pytest.mark.parametrize("method", [{"name": "adapter"}, {"name": "lora"}], ids=lambda m: m["name"])
+@pytest.mark.parametrize("method", [pytest.param({"name": "adapter"}, marks=needs_adapters), {"name": "lora"}],
+                         ids=lambda m: m["name"])
 def test_wrap_keeps_every_pretrained_parameter_by_name_and_value(family, method):
     base, model = wrapped(family, method)
     before, after = dict(base.named_parameters()), dict(model.named_parameters())
@@ -110,8 +112,9 @@ def test_lora_eval_mode_never_merges_into_the_pretrained_weight():
 
 
 @pytest.mark.parametrize("method,trains", [
-    ({"name": "adapter"}, lambda n: ".adapters.peft." in n),
-    ({"name": "adapter", "train_layernorm": True}, lambda n: ".adapters.peft." in n or "LayerNorm" in n),
+    pytest.param({"name": "adapter"}, lambda n: ".adapters.peft." in n, marks=needs_adapters),
+    pytest.param({"name": "adapter", "train_layernorm": True}, lambda n: ".adapters.peft." in n or "LayerNorm" in n,
+                 marks=needs_adapters),
     ({"name": "lora"}, lambda n: n.endswith((".lora_A", ".lora_B"))),
 ], ids=["adapter", "adapter-layernorm", "lora"])
 def test_plan_trains_added_modules_and_head_only(method, trains):

@@ -14,6 +14,7 @@ from sam_peft import run as run_lib
 from sam_peft.config import build_config
 from sam_peft.engine import head_names, layernorm_names
 from sam_peft.selection import budget
+from util import needs_adapters
 
 TRAIN = {"batch_size": 8, "eval_batch_size": 32, "max_steps": 10, "eval_every": 5, "min_steps": 0,
          "patience": 10, "max_seq_len": 40, "lr": 1e-3, "log_every": 0, "warmup": 0.0}
@@ -21,8 +22,8 @@ TRAIN = {"batch_size": 8, "eval_batch_size": 32, "max_steps": 10, "eval_every": 
 METHODS = [
     {"name": "mixout"},
     {"name": "mixout", "mode": "eval_reset", "p": 0.5},
-    {"name": "adapter"},
-    {"name": "adapter", "config": "houlsby", "train_layernorm": True, "reduction": 8},
+    pytest.param({"name": "adapter"}, marks=needs_adapters),
+    pytest.param({"name": "adapter", "config": "houlsby", "train_layernorm": True, "reduction": 8}, marks=needs_adapters),
     {"name": "lora"},
     {"name": "lora", "b_init": "kaiming", "train_head": False, "r": 2, "targets": ["query", "value"]},
     {"name": "diffprune", "density": 0.01, "burnin_steps": 4},

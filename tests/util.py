@@ -7,9 +7,11 @@ embedding, a dense layer with bias and a LayerNorm, so every parameter kind is p
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -19,6 +21,12 @@ from sam_peft.methods import build_method
 from sam_peft.model import TaskModel
 from sam_peft.run import seed_everything
 from sam_peft.tasks import get_task
+
+# The `adapter` method wraps the `adapters` library, an optional extra that pins transformers 4.57.
+needs_adapters = pytest.mark.skipif(
+    importlib.util.find_spec("adapters") is None,
+    reason="method 'adapter' needs the `adapters` library: pip install -e '.[adapters-parity]' (transformers 4.57)",
+)
 
 PAPER_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "paper_splits"
 if not PAPER_SPLITS.is_dir():
