@@ -212,7 +212,11 @@ class SparseFineTuning(TrainerCallback):
         _check_clipping(args, self.optimizer.max_grad_norm)  # the arguments Trainer actually runs with
         device = next(self.model.parameters()).device
         self.theta0 = {n: t.to(device) for n, t in self.theta0.items()}  # Trainer may have moved the model
-        scores = self._scores(train_dataloader, device)
+        # The scoring pass draws batch orders and dropout from torch's random state; forking it
+        # leaves training the data order and dropout it would have without the pass, which is
+        # also what a run resumed from a checkpoint (no scoring pass) gets.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            scores = self._scores(train_dataloader, device)
         self.optimizer.select(lib.top_k(scores, self.density, self.topk))
 
     def on_train_end(self, args, state, control, **kwargs):
