@@ -179,13 +179,18 @@ def _require_hub(name: str) -> None:
     except HfHubHTTPError as e:
         raise UserError(f"{where}, and the hub ({constants.ENDPOINT}) answered: {_first_line(e)}") from None
     except Exception as e:  # connection refused, DNS failure, timeout, proxy error: no hub
-        raise UserError(f"{where}, and the hub ({constants.ENDPOINT}) is unreachable "
-                        f"({type(e).__name__}: {_first_line(e)})") from None
+        raise UserError(f"{where}, and the hub ({constants.ENDPOINT}) is unreachable ({_short_reason(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _short_reason(e: BaseException) -> str:
+    """The exception's type, and its message when that is short (requests nests whole reprs)."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {line}" if line and len(line) <= 100 else type(e).__name__
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -233,14 +238,18 @@ def load_pretrained(name: str):
     """
     _quiet_transformers()
     local = _local_model_dir(name)
+    loaded = None
     if local is not None:
-        encoder, tokenizer = _from_pretrained(name, str(local), local_files_only=True)
-    else:
+        loaded = _from_pretrained(name, str(local), local_files_only=True)
+    elif _in_hub_cache(name):
         try:
-            encoder, tokenizer = _from_pretrained(name, name, local_files_only=True)
-        except UserError:  # not (wholly) in the cache
-            _require_hub(name)
-            encoder, tokenizer = _from_pretrained(name, name, local_files_only=False)
+            loaded = _from_pretrained(name, name, local_files_only=True)
+        except UserError:  # only partly in the cache: the hub has the rest
+            pass
+    if loaded is None:
+        _require_hub(name)
+        loaded = _from_pretrained(name, name, local_files_only=False)
+    encoder, tokenizer = loaded
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"model '{name}': needs a fast tokenizer (tokenizers-backed) for span alignment")
     if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):

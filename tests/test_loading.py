@@ -102,9 +102,7 @@ def test_a_hub_name_with_the_hub_off_fails_at_once(monkeypatch):
 
 def test_a_sweep_checks_every_model_before_any_run_with_the_hub_unreachable(tmp_path):
     """A real process, as a user starts it: an empty cache and a hub endpoint nobody listens on."""
-    with socket.socket() as s:  # a localhost port that was free a moment ago: connections are refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = closed_port()
     sweep = write_yaml(tmp_path / "sweep.yaml", {
         **{k: v for k, v in RUN.items() if k not in ("task", "method")}, "model": NOT_CACHED,
         "output_dir": str(tmp_path / "runs"), "tasks": ["rte", "cb"], "seeds": 2,
@@ -121,7 +119,31 @@ def test_a_sweep_checks_every_model_before_any_run_with_the_hub_unreachable(tmp_
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_cached_or_local_model_passes_the_check(tmp_path):
+def closed_port() -> int:
+    """A localhost port that was free a moment ago: connections to it are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_model_in_the_hub_cache_loads_without_the_hub(tmp_path):
+    """The cache is tried first: a cached model needs no network (a real process with its own HF_HOME)."""
+    snapshot = tmp_path / "hf-home" / "hub" / "models--sam-peft-tests--cached" / "snapshots" / "0123abcd"
+    saved_tiny(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}")
+    code = ("from sam_peft.model import check_model, load_pretrained\n"
+            "check_model('sam-peft-tests/cached')\n"
+            "encoder, tokenizer = load_pretrained('sam-peft-tests/cached')\n"
+            "print(type(encoder).__name__, len(tokenizer))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "RobertaModel"
+
+
+def test_a_local_model_and_tiny_pass_the_check(tmp_path):
     saved_tiny(tmp_path / "m")
     check_model(str(tmp_path / "m"))
     check_model("tiny")
