@@ -113,8 +113,20 @@ def _cmd_table(args) -> int:
         raise UserError(f"{args.results_dir}: no results (no result.json or sweep.json below it)")
     if results.failed():
         warn(f"{len(results.failed())} failed run(s) are not counted")
+    notes = ""
+    if args.select_on:
+        from sam_peft.report.select import render_choices, select_on
+
+        results, choices = select_on(results, args.select_on)
+        notes = render_choices(choices, args.select_on)
+        if args.format == "latex":
+            notes = "".join(f"% {line}\n" for line in notes.strip().splitlines())
+        elif args.format == "csv":
+            if notes:
+                print(notes.strip(), file=__import__("sys").stderr)
+            notes = ""
     table = build_table(results, split=args.split, ddof=args.ddof)
-    _write_or_print(RENDERERS[args.format](table), args.output)
+    _write_or_print(RENDERERS[args.format](table) + notes, args.output)
     return 0
 
 
@@ -144,7 +156,13 @@ def _cmd_stats(args) -> int:
     from sam_peft.report.stats import render_stats
 
     results = load_results(args.results_dir)
-    _write_or_print(render_stats(results, method=args.method, split=args.split), args.output)
+    notes = ""
+    if args.select_on:
+        from sam_peft.report.select import render_choices, select_on
+
+        results, choices = select_on(results, args.select_on)
+        notes = render_choices(choices, args.select_on)
+    _write_or_print(render_stats(results, method=args.method, split=args.split) + notes, args.output)
     return 0
 
 
@@ -209,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--format", default="md", choices=["md", "latex", "csv"])
     t.add_argument("--split", default="test", choices=splits, help="which split's major metric")
     t.add_argument("--ddof", type=int, default=1, choices=[0, 1], help="std: 1 = sample std (default), 0 = population")
+    t.add_argument("--select-on", default=None, choices=splits,
+                   help="per row and task, keep the grid point (e.g. SAM's burnin_steps) with the best mean "
+                        "score on this split, and list the choices")
     t.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
     t.set_defaults(func=_cmd_table)
 
@@ -225,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("results_dir")
     st.add_argument("--method", default="sam", help="reference row: a label, a paper name or a method name")
     st.add_argument("--split", default="test", choices=splits)
+    st.add_argument("--select-on", default=None, choices=splits,
+                    help="as for table: one grid point per row and task, chosen on this split")
     st.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
     st.set_defaults(func=_cmd_stats)
 

@@ -50,9 +50,15 @@ class TrainConfig(Strict):
     # None: train metrics on the whole train split; N: on its first N examples (a cheaper check of fit).
     train_eval_subset: int | None = Field(None, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
-    group_by_length: bool = True  # length-grouped batches: less padding, same examples per epoch
+    # false (default): a fresh seeded shuffle every epoch, as jiant's shuffled train set. true:
+    # length-grouped batches, faster (less padding) but many pairs of examples share a batch again
+    # from one epoch to the next, which removes part of the seed-to-seed variance.
+    group_by_length: bool = False
     compile: bool = False  # torch.compile the encoder (GPU; slow to start)
     dropout: float | None = Field(None, ge=0, lt=1)  # None: the encoder config's hidden dropout
+    # The task head's initialisation: torch's nn.Linear default (as jiant's heads), or HF's
+    # normal(0, initializer_range) with zero biases.
+    head_init: Literal["torch_default", "hf_normal"] = "torch_default"
     log_every: int = Field(50, ge=0)  # train loss every N steps to train_log.jsonl (0: off)
     # Save the training state for resuming: "eval" at every evaluation, N every N steps, 0 never.
     checkpoint_every: Annotated[int, Field(ge=0)] | Literal["eval"] = "eval"
@@ -83,7 +89,7 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _check_task_and_method(self):
         # Imported here: methods import the engine, which imports this module.
-        from sam_peft.methods import validate_method_options
+        from sam_peft.methods import method_class, validate_method_options
         from sam_peft.tasks import get_task
 
         try:
@@ -91,6 +97,10 @@ class RunConfig(Strict):
         except UserError as e:
             raise ConfigKeyError("task", str(e)) from None
         self.method = validate_method_options(self.method)
+        burnin = method_class(self.method["name"]).Options.model_validate(self.method).training_burnin()
+        if burnin >= self.train.max_steps:
+            raise ConfigKeyError("method.burnin_steps", f"method.burnin_steps: its {burnin} training steps leave "
+                                 f"no main-phase step under train.max_steps {self.train.max_steps}")
         return self
 
 
@@ -270,9 +280,17 @@ PRESENTATION_KEYS = ("output_dir", "device", "threads", "label", "train.log_ever
                      "train.checkpoint_every")
 
 
+# Enters every run id. Bumped when what a config computes changes, so that results of older
+# versions are never taken for results of this one (2: burn-in outside the training schedule,
+# shuffled batches, the methods as their originals).
+RESULTS_VERSION = 2
+
+
 def config_hash(cfg: RunConfig, n: int = 8) -> str:
-    """Stable id of what a run computes: the resolved config minus PRESENTATION_KEYS."""
+    """Stable id of what a run computes: the resolved config minus PRESENTATION_KEYS, and the
+    results version."""
     d = config_dict(cfg)
+    d["results_version"] = RESULTS_VERSION
     for key in PRESENTATION_KEYS:
         node = d
         *parents, last = key.split(".")

@@ -462,7 +462,7 @@ class LengthGroupedSampler:
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int,
-                 group_by_length: bool = True, mega_batch: int = 50):
+                 group_by_length: bool = False, mega_batch: int = 50):
         if not lengths:
             raise ValueError("LengthGroupedSampler: no examples")
         if batch_size < 1 or mega_batch < 1:

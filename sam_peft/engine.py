@@ -21,51 +21,17 @@ import torch
 from torch import nn
 
 from sam_peft import metrics as metrics_lib
+from sam_peft.errors import UserError
 from sam_peft.data import LengthGroupedSampler, collate, eval_batches, feature_length
 from sam_peft.methods.base import Method, TrainPlan
-from sam_peft.optim import SparseAdamW, adamw_state_bytes, clip_, dense_adamw
+from sam_peft.optim import PlanOptimizer
+from sam_peft.scoring import GradientStats
 from sam_peft.selection import budget, topk_entries
 from sam_peft.tasks import TaskSpec
 
 
-# ------------------------------------------------------------------------ parameters
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or "LayerNorm" in type(module).__name__ or "RMSNorm" in type(module).__name__
-
-
-def _param_kinds(model: nn.Module) -> dict[str, str]:
-    """'embedding' or 'layernorm' for parameters owned by such modules, by module type."""
-    kind: dict[str, str] = {}
-    for mname, module in model.named_modules():
-        k = "embedding" if isinstance(module, nn.Embedding) else "layernorm" if _is_norm(module) else None
-        if k:
-            for pname, _ in module.named_parameters(recurse=False):
-                kind[f"{mname}.{pname}" if mname else pname] = k
-    return kind
-
-
-def eligible_names(model: nn.Module, embeddings: bool = True, layernorm: bool = True) -> list[str]:
-    """Encoder parameters a method may select, in model order (switches for embeddings, LayerNorm)."""
-    kind = _param_kinds(model)
-    skip = {k for k, on in (("embedding", embeddings), ("layernorm", layernorm)) if not on}
-    return [n for n, _ in model.named_parameters() if n.startswith("encoder.") and kind.get(n) not in skip]
-
-
-def layernorm_names(model: nn.Module) -> set[str]:
-    """Parameters owned by LayerNorm-like modules (by module type, as for eligibility)."""
-    return {n for n, k in _param_kinds(model).items() if k == "layernorm"}
-
-
-def no_decay_names(model: nn.Module) -> set[str]:
-    """AdamW weight decay skips biases and LayerNorm parameters (jiant / HF convention)."""
-    kind = _param_kinds(model)
-    return {n for n, _ in model.named_parameters() if n.endswith("bias") or kind.get(n) == "layernorm"}
-
-
-def head_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if n.startswith("head.")]
+# Parameter classifiers live in sam_peft.params (one rule for every floor); re-exported here.
+from sam_peft.params import eligible_names, head_names, layernorm_names, no_decay_names  # noqa: E402,F401
 
 
 def learning_rate(step: int, base: float, max_steps: int, warmup_steps: int) -> float:
@@ -102,7 +68,15 @@ def to_device(batch: dict, device) -> dict:
 
 
 class SelectContext:
-    """What the engine offers a method's `select`: eligible parameters, theta0, budgets, burn-in."""
+    """What the engine offers a method's `select`: eligible parameters, theta0, budgets, burn-ins.
+
+    Two kinds of burn-in, and the difference matters for fairness between methods:
+    - `accumulate_gradients`: scoring batches (forward and backward, no update). They are not
+      training steps: the schedule, the evaluation cadence, `min_steps` and `max_steps` count
+      only steps that update weights (SAM's burn-in, ChildTuning-D's Fisher pass).
+    - `train`: steps that update weights (ChildPruning's, DiffPruning's and MagPruning's
+      authors' burn-ins). They are training steps of the one schedule every method shares.
+    """
 
     def __init__(self, trainer: "Trainer"):
         self._t = trainer
@@ -115,9 +89,11 @@ class SelectContext:
         # Randomness of the selection itself (Random's subset, Bernoulli masks): its own stream.
         self.generator = torch.Generator().manual_seed(1_000_003 * trainer.seed + 7)
         self.device = trainer.device
+        self.grad_clip = trainer.t.grad_clip  # the protocol's max gradient norm
 
     @property
     def step(self) -> int:
+        """Training steps (weight updates) done so far."""
         return self._t.step
 
     @property
@@ -125,20 +101,25 @@ class SelectContext:
         """Training batches in one pass over the train split (the last one may be partial)."""
         return math.ceil(len(self._t.data.features["train"]) / self._t.t.batch_size)
 
-    def budget(self, density: float) -> int:
-        return budget(density, self.m)
+    def budget(self, density: float, m: int | None = None) -> int:
+        """floor(density * m); m defaults to all eligible entries."""
+        return budget(density, self.m if m is None else m)
 
     def topk(self, scores: dict[str, torch.Tensor], density: float, mode: str = "global") -> dict[str, torch.Tensor]:
-        """Exactly floor(density * m) entries with the largest scores (see selection.py)."""
-        return topk_entries(scores, self.budget(density), mode)
+        """Exactly floor(density * m) entries with the largest scores, m = the entries scored
+        (all eligible ones unless a method scores fewer); see selection.py."""
+        m = sum(s.numel() for s in scores.values())
+        return topk_entries(scores, self.budget(density, m), mode)
 
-    def accumulate_gradients(self, n_batches: int, stats=("sum",)) -> dict[str, dict[str, torch.Tensor]]:
-        """Run n training batches forward/backward without updating anything.
+    def accumulate_gradients(self, n_batches: int, stats=("sum",), names: list[str] | None = None,
+                             clip: float = 0.0, clip_mode: str = "global") -> dict[str, dict[str, torch.Tensor]]:
+        """Run n scoring batches forward/backward without updating anything.
 
-        Returns {stat: {name: tensor}} for stat in "sum" (sum of gradients), "sum_sq" (sum of
-        squared gradients) and "sum_abs", over the eligible parameters. Counts as burn-in steps.
+        Returns {stat: {name: tensor}} (see scoring.py) over `names` (default: every eligible
+        parameter). `clip` > 0 clips each batch's gradients first (scoring.py's clip modes).
+        Scoring batches are not training steps (see the class docstring).
         """
-        return self._t.accumulate_gradients(n_batches, stats)
+        return self._t.accumulate_gradients(n_batches, stats, names, clip, clip_mode)
 
     def train(self, n_steps: int, plan: TrainPlan) -> None:
         """Train n steps with `plan` (plus the head), e.g. a full fine-tuning burn-in."""
@@ -151,7 +132,7 @@ class SelectContext:
 # ------------------------------------------------------------------------ trainer
 
 
-CHECKPOINT_FORMAT = "sam-peft-checkpoint/1"
+CHECKPOINT_FORMAT = "sam-peft-checkpoint/2"
 
 
 class CheckpointMismatch(Exception):
@@ -193,8 +174,9 @@ def _set_numpy_rng_state(s) -> None:
 class FitResult:
     plan: TrainPlan
     best_step: int
-    steps: int
-    burnin_steps: int
+    steps: int  # training steps: weight updates, burn-in training steps included
+    burnin_steps: int  # training steps taken before the main phase (a method's training burn-in)
+    scoring_steps: int  # batches of gradient accumulation without an update (not training steps)
     best_val: dict
     n_evals: int
     stopped: str  # "patience" | "max_steps"
@@ -217,14 +199,13 @@ class Trainer:
         self.log_train = log_train or (lambda record: None)
         self.checkpoint = checkpoint  # called with checkpoint_state(...) every train.checkpoint_every
         self._recent: list[torch.Tensor] = []  # losses since the last train-log line
-        self.step = 0
+        self.step = 0  # training steps: weight updates (the schedule, eval cadence and limits count these)
+        self.scoring_steps = 0  # scoring batches: forward/backward without an update
         self.warmup_steps = self.t.warmup_steps if self.t.warmup_steps is not None else round(self.t.warmup * self.t.max_steps)
         self.autocast_dtype = self._precision()
         self.sampler: LengthGroupedSampler | None = None  # built on first use: `eval` has no train split
         self._batches = None
-        self.dense_opt = None
-        self.sparse_opt: SparseAdamW | None = None
-        self._dense_trained: list[nn.Parameter] = []
+        self.optimizer: PlanOptimizer | None = None
         self.progress = progress
         self.desc = desc
         self._bar = None
@@ -262,15 +243,16 @@ class Trainer:
         return to_device(collate([self.data.features["train"][i] for i in idx], self.data.pad_id), self.device)
 
     def _tick(self, **postfix):
-        """Move the progress bar to the current step."""
+        """Move the progress bar to the current position (scoring batches + training steps)."""
         if self._bar is not None:
-            self._bar.update(self.step - self._bar.n)
+            self._bar.update(self.scoring_steps + self.step - self._bar.n)
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
 
     def set_trainable(self, plan: TrainPlan) -> list[str]:
         """requires_grad only where the plan trains: frozen tensors compute no weight gradient."""
-        trained = set(plan.dense) | set(plan.sparse) | (set(head_names(self.model)) if plan.train_head else set())
+        trained = (set(plan.dense) | set(plan.sparse) | set(plan.group_names())
+                   | (set(head_names(self.model)) if plan.train_head else set()))
         for n, p in self.model.named_parameters():
             p.requires_grad_(n in trained)
         return [n for n in self.params if n in trained]
@@ -278,23 +260,18 @@ class Trainer:
     def build_optimizers(self, plan: TrainPlan) -> None:
         self.params = dict(self.model.named_parameters())  # methods may have added parameters
         self.set_trainable(plan)
-        dense = list(plan.dense) + (head_names(self.model) if plan.train_head else [])
-        skip_decay = no_decay_names(self.model)
-        decay = [self.params[n] for n in dense if n not in skip_decay]
-        nodecay = [self.params[n] for n in dense if n in skip_decay]
-        self._dense_trained = decay + nodecay
-        self.dense_opt = dense_adamw(decay, nodecay, self.t.lr, self.t.adam_betas, self.t.adam_eps,
-                                     self.t.weight_decay, self.device.type)
-        entries = [(self.params[n], idx, 0.0 if n in skip_decay else self.t.weight_decay)
-                   for n, idx in plan.sparse.items() if idx.numel()]
         # Tensors in the plan with no chosen entry: no gradient needed at all.
         for n, idx in plan.sparse.items():
             if not idx.numel():
                 self.params[n].requires_grad_(False)
-        self.sparse_opt = SparseAdamW(entries, self.t.lr, self.t.adam_betas, self.t.adam_eps) if entries else None
+        t = self.t
+        dense = list(plan.dense) + (head_names(self.model) if plan.train_head else [])
+        no_decay = no_decay_names(self.model) | set(plan.no_decay)
+        self.optimizer = PlanOptimizer(self.params, dense, plan.sparse, plan.groups, no_decay,
+                                       t.lr, t.adam_betas, t.adam_eps, t.weight_decay, t.grad_clip, self.device.type)
 
     def optimizer_state_bytes(self) -> int:
-        return adamw_state_bytes(self.dense_opt) + (self.sparse_opt.state_bytes() if self.sparse_opt else 0)
+        return self.optimizer.state_bytes() if self.optimizer else 0
 
     # -------------------------------------------------------------- one step
     def train_step(self) -> torch.Tensor:
@@ -312,17 +289,8 @@ class Trainer:
         total.backward()
         self.method.after_backward(model, self.step)
         lr = learning_rate(self.step, self.t.lr, self.t.max_steps, self.warmup_steps)
-        sparse_g = self.sparse_opt.gather_grads() if self.sparse_opt else None
-        clip_(self._dense_trained, sparse_g, self.t.grad_clip)
-        if self.dense_opt is not None:
-            for g in self.dense_opt.param_groups:
-                g["lr"] = lr
-            self.dense_opt.step()
-            self.dense_opt.zero_grad(set_to_none=True)
-        if self.sparse_opt is not None:
-            self.sparse_opt.lr = lr
-            self.sparse_opt.step(sparse_g)
-            self.sparse_opt.zero_grad()
+        self.optimizer.step(lr)
+        self.optimizer.zero_grad()
         # Gradients of tensors that train nowhere (sparse tensors with empty selections etc.).
         for p in model.parameters():
             p.grad = None
@@ -345,12 +313,19 @@ class Trainer:
                 raise FloatingPointError(f"training loss is {mean} at step {self.step}")
 
     # -------------------------------------------------------------- burn-in services
-    def accumulate_gradients(self, n_batches: int, stats) -> dict[str, dict[str, torch.Tensor]]:
-        unknown = set(stats) - {"sum", "sum_sq", "sum_abs"}
-        if unknown:
-            raise ValueError(f"unknown gradient statistics {sorted(unknown)}")
-        self.set_trainable(TrainPlan(dense=list(self.eligible), train_head=False))
-        acc = {s: {n: torch.zeros_like(self.params[n], dtype=torch.float32) for n in self.eligible} for s in stats}
+    def accumulate_gradients(self, n_batches: int, stats, names=None, clip: float = 0.0,
+                             clip_mode: str = "global") -> dict[str, dict[str, torch.Tensor]]:
+        """Scoring batches (SelectContext.accumulate_gradients): no update, no training step."""
+        names = list(self.eligible) if names is None else list(names)
+        # Global clipping takes its norm over the model's gradients, the head's included, as
+        # clip_grad_norm_(model.parameters()) did in the authors' runner: the head computes one.
+        with_head = bool(clip) and clip_mode == "global"
+        self.set_trainable(TrainPlan(dense=names, train_head=with_head))
+        acc = GradientStats({n: self.params[n] for n in names}, stats, clip, clip_mode,
+                            norm_extra=[self.params[n] for n in head_names(self.model)] if with_head else [])
+        if self._bar is not None:
+            self._bar.total += n_batches
+            self._bar.refresh()
         model = self.model
         for _ in range(n_batches):
             model.train()
@@ -359,22 +334,11 @@ class Trainer:
             with self.autocast():
                 loss = model.loss(model(batch), batch["labels"])
             loss.backward()
-            with torch.no_grad():
-                for n in self.eligible:
-                    g = self.params[n].grad
-                    if g is None:
-                        continue  # no gradient reached it (e.g. the pooler under a span head)
-                    g = g.float()
-                    if "sum" in acc:
-                        acc["sum"][n].add_(g)
-                    if "sum_sq" in acc:
-                        acc["sum_sq"][n].addcmul_(g, g)
-                    if "sum_abs" in acc:
-                        acc["sum_abs"][n].add_(g.abs())
+            acc.add()
             model.zero_grad(set_to_none=True)
-            self.step += 1
-            self._tick(loss=f"{loss.item():.4f}", phase="burn-in")
-        return acc
+            self.scoring_steps += 1
+            self._tick(loss=f"{loss.item():.4f}", phase="scoring")
+        return acc.sums
 
     def train_phase(self, plan: TrainPlan, n_steps: int) -> None:
         """Train n steps with a plan (burn-in); no evaluation."""
@@ -415,6 +379,7 @@ class Trainer:
         return {
             "dense": {n: self.params[n].detach().clone() for n in dense},
             "sparse": {n: self.params[n].detach().reshape(-1)[idx].clone() for n, idx in plan.sparse.items()},
+            "groups": {n: self.params[n].detach().clone() for n in plan.group_names()},
             "method": copy.deepcopy(self.method.state_dict()),
         }
 
@@ -424,6 +389,8 @@ class Trainer:
             self.params[n].copy_(v)
         for n, v in snap["sparse"].items():
             self.params[n].reshape(-1).index_copy_(0, plan.sparse[n].to(v.device), v)
+        for n, v in snap.get("groups", {}).items():
+            self.params[n].copy_(v)
         self.method.load_state_dict(snap["method"])
 
     # -------------------------------------------------------------- the run
@@ -446,6 +413,9 @@ class Trainer:
             plan = self.method.select(self.model, SelectContext(self))
             timings["select_s"] = time.perf_counter() - t0
             burnin = self.step
+            if self.step >= t.max_steps:  # config validation rejects this for every shipped method
+                raise UserError(f"method '{self.method.name}': its burn-in took {self.step} training steps, "
+                                f"train.max_steps is {t.max_steps}: no main-phase step is left")
             self.build_optimizers(plan)
             st = EarlyStopping(best_step=self.step)
             if resume is not None:
@@ -455,10 +425,10 @@ class Trainer:
             t1 = time.perf_counter()
             while self.step < t.max_steps:
                 st.losses.append(self.train_step())
-                if self.step % 25 == 0:  # not every step: .item() waits for the GPU
+                at_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
+                if self.step % 25 == 0 or at_eval:  # not every step: .item() waits for the GPU
                     self._tick(phase="train", loss=f"{st.losses[-1].item():.4f}",
                                best=f"{st.best_val['major']:.2f}" if st.best_val else "-")
-                at_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
                 if at_eval:
                     if self.evaluate_and_track(plan, st):
                         stopped = "patience"
@@ -467,10 +437,6 @@ class Trainer:
                                         isinstance(t.checkpoint_every, int) and t.checkpoint_every
                                         and self.step % t.checkpoint_every == 0):
                     self.checkpoint(self.checkpoint_state(plan, st))
-            if st.best_val is None:  # burn-in used up max_steps: evaluate what we have
-                val = self.evaluate("val", t.val_subset)
-                st.best, st.best_step, st.best_val, st.n_evals = self.snapshot(plan), self.step, val, 1
-                self.log_eval({"step": self.step, "train_loss": float("nan"), "lr": 0.0, "val": val, "best": True})
             opt_bytes = self.optimizer_state_bytes()  # AdamW allocates its state at the first step
             timings["train_s"] = time.perf_counter() - t1 - st.eval_s
             timings["eval_s"] = st.eval_s
@@ -481,6 +447,7 @@ class Trainer:
         for p in self.model.parameters():
             p.requires_grad_(False)
         return FitResult(plan=plan, best_step=st.best_step, steps=self.step, burnin_steps=burnin,
+                         scoring_steps=self.scoring_steps,
                          best_val=st.best_val, n_evals=st.n_evals, stopped=stopped, timings=timings,
                          optimizer_state_bytes=opt_bytes, resumed_from=resume["step"] if resume else None)
 
@@ -516,11 +483,10 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "plan": {"dense": list(plan.dense), "sparse": {n: i.cpu() for n, i in plan.sparse.items()},
-                     "train_head": plan.train_head},
+                     "train_head": plan.train_head, "groups": plan.group_names()},
             "weights": self.snapshot(plan),
             "method": self.method.training_state(),
-            "dense_opt": self.dense_opt.state_dict() if self.dense_opt else None,
-            "sparse_opt": self.sparse_opt.state_dict() if self.sparse_opt else None,
+            "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict() if self.sampler else None,
             "rng": rng,
             "early_stopping": st.state_dict(),
@@ -530,16 +496,14 @@ class Trainer:
     def load_checkpoint_state(self, ckpt: dict, plan: TrainPlan) -> "EarlyStopping":
         saved = ckpt["plan"]
         same = (saved["dense"] == list(plan.dense) and saved["train_head"] == plan.train_head
+                and saved.get("groups", []) == plan.group_names()
                 and saved["sparse"].keys() == plan.sparse.keys()
                 and all(torch.equal(saved["sparse"][n], plan.sparse[n].cpu()) for n in plan.sparse))
         if not same:
             raise CheckpointMismatch("the replayed selection differs from the checkpoint's")
         self.restore(plan, ckpt["weights"])
         self.method.load_training_state(ckpt["method"])
-        if self.dense_opt is not None:
-            self.dense_opt.load_state_dict(ckpt["dense_opt"])
-        if self.sparse_opt is not None:
-            self.sparse_opt.load_state_dict(ckpt["sparse_opt"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["sampler"] is not None:
             self._ensure_sampler().load_state_dict(ckpt["sampler"])
         rng = ckpt["rng"]

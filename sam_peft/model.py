@@ -4,9 +4,10 @@ The backbone is any Hugging Face encoder, by hub name or local path, or `tiny`: 
 RoBERTa built from a config with random weights and a byte-level BPE tokenizer trained on the
 task's own texts, so everything runs offline. Pretrained weights load in float32 from a local
 folder, the Hugging Face cache or the hub; a model that cannot be had is a one-line UserError
-before anything runs (check_model). Heads follow jiant (REFERENCE.md): a
+before anything runs (check_model). Heads follow jiant 2.2.0's: a
 RoBERTa-style classification head on the pooled output for classification, regression and
-multiple choice (one score per choice), and self-attentive span pooling for WSC.
+multiple choice (one score per choice), and self-attentive span pooling for WSC, with
+nn.Linear's default initialisation as jiant keeps it (`train.head_init`).
 """
 
 from __future__ import annotations
@@ -313,7 +314,8 @@ class SpanComparisonHead(nn.Module):
 class TaskModel(nn.Module):
     """`encoder` (the backbone, whose parameters are the eligible ones) + `head`."""
 
-    def __init__(self, encoder: nn.Module, spec: TaskSpec, dropout: float | None = None):
+    def __init__(self, encoder: nn.Module, spec: TaskSpec, dropout: float | None = None,
+                 head_init: str = "torch_default"):
         super().__init__()
         self.encoder = encoder
         self.kind = spec.kind
@@ -326,7 +328,11 @@ class TaskModel(nn.Module):
         else:
             n_out = len(spec.labels) if spec.kind == "classification" else 1
             self.head = ClassificationHead(hidden, n_out, dropout)
-        self._init_head(getattr(cfg, "initializer_range", 0.02))
+        # torch_default: nn.Linear's own initialisation, which jiant's heads keep; hf_normal: HF's.
+        if head_init == "hf_normal":
+            self._init_head(getattr(cfg, "initializer_range", 0.02))
+        elif head_init != "torch_default":
+            raise ValueError(f"unknown head_init {head_init!r}")
         # Whether the encoder takes token_type_ids (RoBERTa has one type; BERT uses two).
         self.uses_token_types = getattr(cfg, "type_vocab_size", 0) > 1
 

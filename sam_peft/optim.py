@@ -133,3 +133,70 @@ def clip_(dense_params, sparse_grads: torch.Tensor | None, max_norm: float) -> t
         if sparse_grads is not None:
             sparse_grads.mul_(coef.to(sparse_grads.device))
     return total
+
+
+class PlanOptimizer:
+    """Everything that updates weights for one TrainPlan, with one weight-decay rule.
+
+    - dense tensors (and the head): torch AdamW, decay except on `no_decay` names;
+    - chosen entries inside tensors: SparseAdamW (state for those entries only);
+    - own groups (OwnGroup): one AdamW each, at its constant lr, clipped on its own.
+    `step(lr)` clips the main part (dense + chosen entries) by their joint norm, then updates
+    everything; `lr` is the main schedule's value for this step.
+    """
+
+    def __init__(self, params: dict, dense: list[str], sparse: dict, groups, no_decay: set[str], lr: float,
+                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+                 device_type: str = "cpu"):
+        self.max_grad_norm = max_grad_norm
+        decay = [params[n] for n in dense if n not in no_decay]
+        nodecay = [params[n] for n in dense if n in no_decay]
+        self.dense_params = decay + nodecay
+        self.dense = dense_adamw(decay, nodecay, lr, betas, eps, weight_decay, device_type)
+        entries = [(params[n], idx, 0.0 if n in no_decay else weight_decay) for n, idx in sparse.items() if idx.numel()]
+        self.sparse = SparseAdamW(entries, lr, betas, eps) if entries else None
+        self.own = []
+        for g in groups:
+            ps = [params[n] for n in g.names]
+            opt = dense_adamw(ps, [], g.lr, betas, eps, g.weight_decay, device_type)
+            if opt is not None:
+                self.own.append((ps, opt))
+
+    def step(self, lr: float) -> None:
+        sparse_g = self.sparse.gather_grads() if self.sparse else None
+        clip_(self.dense_params, sparse_g, self.max_grad_norm)
+        if self.dense is not None:
+            for g in self.dense.param_groups:
+                g["lr"] = lr
+            self.dense.step()
+        if self.sparse is not None:
+            self.sparse.lr = lr
+            self.sparse.step(sparse_g)
+        for ps, opt in self.own:
+            clip_(ps, None, self.max_grad_norm)
+            opt.step()
+
+    def zero_grad(self) -> None:
+        if self.dense is not None:
+            self.dense.zero_grad(set_to_none=True)
+        if self.sparse is not None:
+            self.sparse.zero_grad()
+        for _, opt in self.own:
+            opt.zero_grad(set_to_none=True)
+
+    def state_bytes(self) -> int:
+        return (adamw_state_bytes(self.dense) + (self.sparse.state_bytes() if self.sparse else 0)
+                + sum(adamw_state_bytes(opt) for _, opt in self.own))
+
+    def state_dict(self) -> dict:
+        return {"dense": self.dense.state_dict() if self.dense else None,
+                "sparse": self.sparse.state_dict() if self.sparse else None,
+                "own": [opt.state_dict() for _, opt in self.own]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.dense is not None:
+            self.dense.load_state_dict(state["dense"])
+        if self.sparse is not None:
+            self.sparse.load_state_dict(state["sparse"])
+        for (_, opt), s in zip(self.own, state["own"]):
+            opt.load_state_dict(s)

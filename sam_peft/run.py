@@ -35,6 +35,7 @@ from sam_peft.io import append_jsonl, atomic_torch_save, atomic_write_json, atom
 from sam_peft.methods import build_method
 from sam_peft.methods.base import Method
 from sam_peft.model import TaskModel, load_backbone
+from sam_peft.params import GROUPS, param_group, param_kinds
 from sam_peft.tasks import TaskSpec, get_task
 
 
@@ -122,7 +123,7 @@ def build(cfg: RunConfig, splits=("train", "val", "test")) -> Built:
     checked = "train" if "train" in features else splits[0]
     check_text(features[checked], tokenizer, cfg.model, f"{spec.name} {checked}")
     seed_everything(cfg.seed)
-    model = TaskModel(encoder, spec, cfg.train.dropout)
+    model = TaskModel(encoder, spec, cfg.train.dropout, cfg.train.head_init)
     eligible = eligible_names(model, cfg.method.get("embeddings", True), cfg.method.get("layernorm", True))
     base_names = {n for n, _ in model.named_parameters() if n.startswith("encoder.")}
     method.wrap(model)
@@ -149,6 +150,28 @@ class Curves:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def mask_share(model, plan, theta0: dict) -> dict:
+    """Where the trained entries of the eligible parameters are, per parameter group
+    (params.GROUPS): how many were chosen, of how many, and their share of all chosen ones."""
+    kinds = param_kinds(model)
+    params = dict(model.named_parameters())
+    chosen = {n: int(i.numel()) for n, i in plan.sparse.items()}
+    chosen.update({n: params[n].numel() for n in plan.dense if n in theta0})
+    groups = {g: {"chosen": 0, "total": 0} for g in GROUPS}
+    for n, t0 in theta0.items():
+        g = groups[param_group(n, kinds.get(n))]
+        g["total"] += t0.numel()
+        g["chosen"] += chosen.get(n, 0)
+    k = sum(g["chosen"] for g in groups.values())
+    for g in groups.values():
+        g["share_of_chosen"] = round(g["chosen"] / k, 6) if k else 0.0
+        g["density"] = round(g["chosen"] / g["total"], 6) if g["total"] else 0.0
+    top = max(chosen.items(), key=lambda kv: kv[1], default=None)
+    return {"groups": {n: g for n, g in groups.items() if g["total"]},
+            "largest_tensor": {"name": top[0], "chosen": top[1], "share_of_chosen": round(top[1] / k, 6),
+                               "density": round(top[1] / params[top[0]].numel(), 6)} if top and k else None}
 
 
 def _frozen_fingerprint(model, names) -> str:
@@ -348,8 +371,10 @@ def run(cfg: RunConfig, progress: bool = True, force: bool = False, log=print) -
         "n_added": n_added,
         "n_head": n_head,
         "n_changed": counts["n_changed"],
-        "steps": fit.steps,
-        "burnin_steps": fit.burnin_steps,
+        "steps": fit.steps,  # training steps (weight updates), burn-in training steps included
+        "training_steps": fit.steps,
+        "burnin_steps": fit.burnin_steps,  # training steps before the main phase
+        "scoring_steps": fit.scoring_steps,  # gradient-accumulation batches without an update
         "best_step": fit.best_step,
         "n_evals": fit.n_evals,
         "stopped": fit.stopped,
@@ -357,6 +382,7 @@ def run(cfg: RunConfig, progress: bool = True, force: bool = False, log=print) -
         "wall_time_s": round(elapsed_before + time.time() - started, 3),
         "timings": {**{k: round(v, 3) for k, v in fit.timings.items()}, "final_eval_s": round(eval_final_s, 3)},
         "method_report": method.report(),
+        "mask_share": mask_share(model, plan, trainer.theta0),
         "optimizer_state_bytes": fit.optimizer_state_bytes,
         "delta_bytes": delta_bytes,
         "full_fp32_bytes": full_bytes,
@@ -382,9 +408,13 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
         raise UserError(f"{run_dir}: no such run directory")
     cfg = load_config(run_dir / "config.yaml")
     built = build(cfg, splits=(split,))
+    theta0 = {n: p.detach().clone() for n, p in built.model.named_parameters() if n in set(built.eligible)}
     delta_lib.apply(built.model, run_dir / "delta.safetensors", tokenizer=built.tokenizer)
-    # The rebuilt model holds plain weights: no training-time machinery, so no method hooks.
-    trainer = Trainer(cfg, built.model, None, built.data, built.device, built.eligible, progress=False)
+    # The rebuilt model holds plain weights; a method whose final evaluations see other weights
+    # (Mixout's eval_reset) sets that up from the pretrained values and the run's seed.
+    params = dict(built.model.named_parameters())
+    built.method.attach_for_eval(built.model, {n: params[n] for n in built.eligible}, theta0, cfg.seed, built.device)
+    trainer = Trainer(cfg, built.model, built.method, built.data, built.device, built.eligible, progress=False)
     metrics = trainer.evaluate(split)
     result = {}
     if (run_dir / "result.json").is_file():

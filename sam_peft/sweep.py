@@ -9,6 +9,8 @@ device, ...) as the base of every run, plus:
         density: 0.005              train / data / model: overrides of the base
         train: {lr: 2.0e-5}         label: the row name in tables (default: the paper's
         label: SAM                         name of the method, e.g. full -> FullTuning)
+        grid:                       grid: this entry's own grid (dotted run keys), e.g.
+          method.burnin_steps: [500, 1000]   SAM's burn-in chosen on val (table --select-on val)
       - bitfit                    (a bare name is short for {name: bitfit})
     seeds:   10                   a count n (seeds 0..n-1) or a list of seeds; default 1
     grid:                         optional: every combination of these values
@@ -19,10 +21,13 @@ device, ...) as the base of every run, plus:
 
 Expansion order: grid x methods x tasks x seeds (the last varies fastest): all seeds of one
 (method, task) cell run together, and a whole first grid point finishes before the second
-starts. The per-method keys override the base; grid values override both.
+starts. The per-method keys override the base; grid values override both. A method entry's own
+`grid` multiplies that entry's runs only (after the sweep's grid).
 
 Labels: a run's label is its method entry's `label` (default: the paper's method name) followed
-by its grid values, e.g. "SAM density=0.001", so that each grid point is its own table row.
+by its grid values, e.g. "SAM density=0.001", so that each grid point is its own table row; the
+entry's label alone is the run's `row` in sweep.json, which `table --select-on val` uses to pick,
+per row and task, the grid point with the best mean val score.
 Grid keys that name a seed (`seed` or `*_seed`, e.g. data.drop_seed in Table 2) are replicates,
 like `seeds`: their runs share a row and count as repetitions in its mean and std.
 
@@ -74,6 +79,8 @@ SWEEP_KEYS = ("tasks", "methods", "seeds", "grid", "base", "runs_per_gpu")
 PER_RUN_KEYS = {"task": "tasks", "method": "methods", "seed": "seeds", "label": "a method entry's 'label'"}
 # Keys of a method entry that override the base for that method's runs (the rest are method options).
 METHOD_RUN_KEYS = ("train", "data", "model")
+# Keys of a method entry that belong to the sweep, not to the run.
+METHOD_SWEEP_KEYS = ("label", "grid")
 # What a grid cannot vary: a sweep writes to one directory, tasks and seeds have their own keys,
 # labels follow from the grid, and a different method is a different entry of `methods`.
 GRID_FORBIDDEN_ROOTS = ("task", "seed", "label", "output_dir") + SWEEP_KEYS
@@ -87,6 +94,7 @@ class PlannedRun:
     label: str
     grid: dict = field(default_factory=dict)  # this run's grid values, by dotted key
     entry: int = 0  # index of its method entry in the sweep's `methods`
+    row: str = ""  # its method entry's label without grid values
 
     @property
     def run_dir(self) -> Path:
@@ -95,7 +103,7 @@ class PlannedRun:
     def record(self) -> dict:
         """This run's line in sweep.json."""
         return {"run_id": self.run_id, "task": self.cfg.task, "method": self.cfg.method["name"],
-                "label": self.label, "seed": self.cfg.seed, "grid": self.grid}
+                "label": self.label, "row": self.row or self.label, "seed": self.cfg.seed, "grid": self.grid}
 
     def status(self) -> str:
         """done / failed / running / pending, from result.json (a foreign or broken one: UserError)."""
@@ -278,24 +286,45 @@ def _methods(tree: dict, origin: dict, source: str) -> list[dict]:
         for key in ("train", "data"):
             if key in entry and not isinstance(entry[key], dict):
                 raise UserError(f"{origin.get(('methods', i, key), where)}: methods[{i}].{key}: expected a mapping")
+        if "grid" in entry:
+            _check_grid(entry["grid"], lambda key, i=i: origin.get(("methods", i, "grid", key),
+                                                                    origin.get(("methods", i, "grid"), where)),
+                        f"methods[{i}].grid")
         out.append(entry)
     return out
 
 
 def _grid(tree: dict, origin: dict, source: str) -> dict[str, list]:
     grid = tree.get("grid") or {}
+    _check_grid(grid, lambda key: origin.get(("grid", key), origin.get(("grid",), source)), "grid")
+    return flatten_grid(grid)
+
+
+def flatten_grid(grid: dict, prefix: str = "") -> dict:
+    """Nested mappings of a grid as dotted keys: {method: {density: [..]}} -> {method.density: [..]}
+    (an override such as methods.sam.grid.method.burnin_steps=[10] writes the nested form)."""
+    out = {}
+    for key, value in grid.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_grid(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _check_grid(grid, where, name: str) -> None:
+    """A grid: dotted run keys, each with a non-empty list of values; `where(key)` places a key."""
     if not isinstance(grid, dict):
-        raise UserError(f"{origin.get(('grid',), source)}: grid: expected a mapping of dotted keys to lists of values")
-    for key, values in grid.items():
-        where = origin.get(("grid", key), source)
+        raise UserError(f"{where(None)}: {name}: expected a mapping of dotted keys to lists of values")
+    for key, values in flatten_grid(grid).items():
         if not isinstance(key, str) or not all(key.split(".")):
-            raise UserError(f"{where}: grid: '{key}' is not a dotted config key")
+            raise UserError(f"{where(key)}: {name}: '{key}' is not a dotted config key")
         if key in GRID_FORBIDDEN_KEYS or key.split(".")[0] in GRID_FORBIDDEN_ROOTS:
-            raise UserError(f"{where}: grid: '{key}' cannot vary in a grid "
+            raise UserError(f"{where(key)}: {name}: '{key}' cannot vary in a grid "
                             "(use tasks, seeds or methods; a sweep writes to one output_dir)")
         if not isinstance(values, list) or not values:
-            raise UserError(f"{where}: grid '{key}': expected a non-empty list of values")
-    return grid
+            raise UserError(f"{where(key)}: {name} '{key}': expected a non-empty list of values")
 
 
 def is_replicate_key(key: str) -> bool:
@@ -340,21 +369,25 @@ def expand(tree: dict, origin: dict, source: str) -> list[PlannedRun]:
     runs: list[PlannedRun] = []
     combos = list(itertools.product(*grid.values()))
     for combo in combos:
-        grid_values = dict(zip(grid, combo))
         for i, entry in enumerate(entries):
-            run_tree, lines = _method_tree(base, base_lines, entry, i, origin, source)
-            label = _label(entry, grid_values)
-            for key, value in grid_values.items():
-                where = f"{origin.get(('grid', key), source)} (grid {key}={_show(value)})"
-                set_dotted(run_tree, key, value, where)
-                lines[tuple(key.split("."))] = where
-            for j, task in enumerate(tasks):
-                for seed, seed_at in zip(seeds, seeds_at):
-                    tree_ = {**run_tree, "task": task, "seed": seed, "label": label}
-                    lines_ = {**lines, ("task",): origin.get(("tasks", j), origin.get(("tasks",), source)),
-                              ("seed",): seed_at}
-                    cfg = build_config(tree_, (), source, lines_)
-                    runs.append(PlannedRun(cfg, run_id(cfg), label, grid_values, i))
+            own = flatten_grid(entry.get("grid") or {})
+            for own_combo in itertools.product(*own.values()):
+                grid_values = {**dict(zip(grid, combo)), **dict(zip(own, own_combo))}
+                run_tree, lines = _method_tree(base, base_lines, entry, i, origin, source)
+                label = _label(entry, grid_values)
+                for key, value in grid_values.items():
+                    at = (origin.get(("methods", i, "grid", key), source) if key in own
+                          else origin.get(("grid", key), source))
+                    where = f"{at} (grid {key}={_show(value)})"
+                    set_dotted(run_tree, key, value, where)
+                    lines[tuple(key.split("."))] = where
+                for j, task in enumerate(tasks):
+                    for seed, seed_at in zip(seeds, seeds_at):
+                        tree_ = {**run_tree, "task": task, "seed": seed, "label": label}
+                        lines_ = {**lines, ("task",): origin.get(("tasks", j), origin.get(("tasks",), source)),
+                                  ("seed",): seed_at}
+                        cfg = build_config(tree_, (), source, lines_)
+                        runs.append(PlannedRun(cfg, run_id(cfg), label, grid_values, i, _label(entry, {})))
     _check_distinct(runs, entries, origin, source)
     return runs
 
@@ -370,7 +403,7 @@ def _method_tree(base: dict, base_lines: dict, entry: dict, i: int, origin: dict
                 tree[key] = _merge(tree[key], copy.deepcopy(entry[key]), {})
             else:
                 tree[key] = copy.deepcopy(entry[key])
-    tree["method"] = {k: copy.deepcopy(v) for k, v in entry.items() if k not in METHOD_RUN_KEYS + ("label",)}
+    tree["method"] = {k: copy.deepcopy(v) for k, v in entry.items() if k not in METHOD_RUN_KEYS + METHOD_SWEEP_KEYS}
     lines[("method",)] = here
     for p, o in origin.items():
         if p[:2] == ("methods", i) and len(p) > 2:

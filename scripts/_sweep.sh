@@ -16,16 +16,18 @@ run_sweep() {
     if [ "$status" -eq 2 ]; then exit 2; fi  # bad input: nothing ran
 }
 
-# table.md, table.tex, table.csv under $out
+# table.md, table.tex, table.csv under $out; extra arguments go to `sam-peft table`
+# (e.g. --select-on val: the grid point of each row chosen per task on the val split)
 write_tables() {
     local format ext
     for format in md latex csv; do
         ext=$format; [ "$format" = latex ] && ext=tex
-        sam-peft table "$out/runs" --format "$format" -o "$out/table.$ext"
+        sam-peft table "$out/runs" --format "$format" -o "$out/table.$ext" "$@"
     done
 }
 
 # stats.md: the tests compare every row with SAM; a sweep shrunk to other methods has none.
+# Extra arguments go to `sam-peft stats`.
 write_stats() {
-    sam-peft stats "$out/runs" -o "$out/stats.md" || echo "note: no $out/stats.md (see above)" >&2
+    sam-peft stats "$out/runs" -o "$out/stats.md" "$@" || echo "note: no $out/stats.md (see above)" >&2
 }

@@ -15,7 +15,7 @@ def test_defaults_are_the_paper_protocol():
     assert (t.weight_decay, t.grad_clip, t.warmup) == (0.01, 1.0, 0.1)
     assert cfg.model == "roberta-base"
     assert cfg.method == {"name": "sam", "embeddings": True, "layernorm": True, "density": 0.005,
-                          "topk": "global", "burnin_steps": 500, "score": "squared_sum"}
+                          "topk": "global", "burnin_steps": 500, "score": "squared_sum", "clip_burnin_grads": False}
 
 
 def test_overrides_are_yaml_typed_and_dotted():

@@ -289,7 +289,7 @@ def test_sampler_covers_every_example_once_per_epoch():
 def test_sampler_groups_similar_lengths():
     # One mega-batch holds everything, so every batch is a slice of the length-sorted
     # order: the batches' length ranges must not overlap.
-    sampler = LengthGroupedSampler(LENGTHS, batch_size=8, seed=0, mega_batch=100)
+    sampler = LengthGroupedSampler(LENGTHS, batch_size=8, seed=0, group_by_length=True, mega_batch=100)
     batches = take(sampler, sampler.batches_per_epoch)
     ranges = sorted((min(LENGTHS[i] for i in b), max(LENGTHS[i] for i in b)) for b in batches)
     for (_, high), (low, _) in zip(ranges, ranges[1:]):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import sam_peft.engine as engine
+import sam_peft.optim as optim
 from sam_peft.engine import learning_rate
 from sam_peft.optim import SparseAdamW, clip_
 from util import hand_trainer
@@ -95,7 +95,7 @@ def test_trainer_clips_with_gathered_sparse_grads(monkeypatch):
         seen.append((len(dense), None if sparse_g is None else sparse_g.numel()))
         return clip_(dense, sparse_g, max_norm)
 
-    monkeypatch.setattr(engine, "clip_", spy)
+    monkeypatch.setattr(optim, "clip_", spy)
     tr = hand_trainer({"name": "sam", "density": 0.1, "burnin_steps": 2}, max_steps=6, eval_every=3)
     fit = tr.fit()
     k = sum(i.numel() for i in fit.plan.sparse.values())

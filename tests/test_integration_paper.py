@@ -21,7 +21,8 @@ def test_short_sam_run_on_paper_splits(tmp_path, task):
                         "train": {"max_steps": 9, "eval_every": 3, "min_steps": 0, "max_seq_len": 128,
                                   "val_subset": 64, "eval_batch_size": 128}})
     result = run(cfg, progress=False, log=lambda *a: None)
-    assert result["status"] == "done" and result["steps"] == 9 and result["burnin_steps"] == 3
+    assert result["status"] == "done" and result["steps"] == 9 and result["scoring_steps"] == 3
+    assert result["burnin_steps"] == 0  # SAM's burn-in batches are scoring, not training steps
     assert result["n_trainable"] == int(0.005 * result["n_params"])
     assert 0 < result["n_changed"] <= result["n_trainable"]
     for split in ("val", "test", "train"):

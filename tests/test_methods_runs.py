@@ -12,7 +12,7 @@ from safetensors import safe_open
 from sam_peft import delta as delta_lib
 from sam_peft import run as run_lib
 from sam_peft.config import build_config
-from sam_peft.engine import head_names, layernorm_names
+from sam_peft.params import head_names, in_numbered_layer, layernorm_names
 from sam_peft.selection import budget
 from util import needs_adapters
 
@@ -27,7 +27,8 @@ METHODS = [
     {"name": "lora"},
     {"name": "lora", "b_init": "kaiming", "train_head": False, "r": 2, "targets": ["query", "value"]},
     {"name": "diffprune", "density": 0.01, "burnin_steps": 4},
-    {"name": "diffprune", "density": 0.01, "burnin_steps": 3, "remask_every": 3, "project_by": "alpha"},
+    {"name": "diffprune", "density": 0.01, "burnin_steps": 3, "remask_every": 3, "project_by": "alpha",
+     "topk": "per_tensor"},
     {"name": "childprune", "density": 0.01, "burnin_steps": 4, "topk": "per_tensor"},
     {"name": "childprune", "density": 0.01, "variant": "fisher"},
 ]
@@ -100,7 +101,11 @@ def test_one_run(method, tmp_path):
         assert result["n_added"] == 0 and result["n_trainable"] == m
         assert result["n_changed"] > m // 2  # dense training moved most entries
     else:
-        k = budget(method["density"], m)
+        scored = m
+        if method.get("variant") == "fisher":  # ChildTuning-D scores the transformer layers only
+            scored = sum(t.numel() for n, t in theta0.items() if in_numbered_layer(n))
+            assert 0 < scored < m
+        k = budget(method["density"], scored)
         assert result["n_added"] == 0
         assert result["n_trainable"] == k
         assert 0 < result["n_changed"] <= k
@@ -116,7 +121,14 @@ def test_one_run(method, tmp_path):
             assert rep["projections"] == expect and rep["k"] == k
         if method.get("variant") == "fisher":
             n_train = len(fresh.data.features["train"])
-            assert result["burnin_steps"] == math.ceil(n_train / TRAIN["batch_size"])  # one pass
+            # One pass of scoring batches, not training steps: all max_steps still train.
+            assert result["scoring_steps"] == math.ceil(n_train / TRAIN["batch_size"])
+            assert result["burnin_steps"] == 0 and result["training_steps"] == TRAIN["max_steps"]
+            assert result["mask_share"]["groups"]["embeddings"]["chosen"] == 0
+        share = result["mask_share"]
+        assert sum(g["chosen"] for g in share["groups"].values()) == k
+        assert sum(g["total"] for g in share["groups"].values()) == m
+        assert sum(g["share_of_chosen"] for g in share["groups"].values()) == pytest.approx(1.0, abs=1e-5)
 
     metrics, saved = run_lib.evaluate_run(run_dir)
     assert metrics == result["metrics"]["test"] == saved["metrics"]["test"]

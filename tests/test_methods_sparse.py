@@ -81,7 +81,7 @@ def test_diffprune_burnin_projection_is_exact_and_masked_entries_stay_theta0():
 
 
 def test_diffprune_burnin_trains_gates_and_head_not_theta():
-    tr = hand_trainer({"name": "diffprune", "density": 0.1, "burnin_steps": 3}, max_steps=3, eval_every=3, lr=0.05)
+    tr = hand_trainer({"name": "diffprune", "density": 0.1, "burnin_steps": 3}, max_steps=4, eval_every=4, lr=0.05)
     grads = []
 
     def spy(model, step, orig=tr.method.after_backward):
@@ -182,9 +182,10 @@ def test_diffprune_remask_bakes_the_best_checkpoint(monkeypatch):
 
 
 def test_diffprune_l0_penalty_scale():
-    # mean (default, the authors' code): lambda * mean P(z != 0); sum (Guo et al.): lambda * sum.
+    # sum (default, Guo et al.): lambda * sum of P(z != 0); mean (the authors' code): lambda * mean.
     def penalty(reduction):
-        tr = hand_trainer({"name": "diffprune", "l0_lambda": 2.0, "l0_reduction": reduction}, max_steps=1)
+        tr = hand_trainer({"name": "diffprune", "l0_lambda": 2.0, "l0_reduction": reduction, "burnin_steps": 1},
+                          max_steps=2)
         tr.method._gates = Gates({n: tr.params[n] for n in tr.eligible}, alpha_init=0.0)
         return float(tr.method.extra_loss(tr.model).detach()), sum(t.numel() for t in tr.theta0.values())
 
@@ -232,22 +233,26 @@ def test_childprune_projection_keeps_exactly_k_after_every_burnin_step(topk):
     assert all(0.8 * k < counts[s] <= k for s in range(burnin + 1, 16))
 
 
-def test_childprune_fisher_is_one_pass_without_updates():
-    tr = hand_trainer({"name": "childprune", "density": 0.1, "variant": "fisher"}, max_steps=12, eval_every=6)
+def test_childprune_fisher_is_one_pass_of_scoring_batches_without_updates():
+    tr = hand_trainer({"name": "childprune", "density": 0.1, "variant": "fisher", "fisher_scope": "eligible"},
+                      max_steps=12, eval_every=6)
     calls = []
     orig = tr.accumulate_gradients
 
-    def spy(n, stats):
+    def spy(n, stats, names, clip, clip_mode):
         before = {name: p.detach().clone() for name, p in tr.params.items()}
-        out = orig(n, stats)
-        calls.append((n, tuple(stats), all(torch.equal(p, before[name]) for name, p in tr.params.items())))
+        out = orig(n, stats, names, clip, clip_mode)
+        calls.append((n, tuple(stats), clip, clip_mode,
+                      all(torch.equal(p, before[name]) for name, p in tr.params.items())))
         return out
 
     tr.accumulate_gradients = spy
     fit = tr.fit()
     n_train = len(tr.data.features["train"])
-    assert calls == [(math.ceil(n_train / 8), ("sum_sq",), True)]
-    assert fit.burnin_steps == math.ceil(n_train / 8)
+    # One pass, each tensor's gradient clipped on its own to the protocol's max norm (ChildTuning-D).
+    assert calls == [(math.ceil(n_train / 8), ("sum_sq",), tr.t.grad_clip, "per_tensor", True)]
+    # A scoring pass, not training: every one of the 12 training steps is still a main-phase step.
+    assert (fit.scoring_steps, fit.burnin_steps, fit.steps) == (math.ceil(n_train / 8), 0, 12)
     k = budget(0.1, sum(t.numel() for t in tr.theta0.values()))
     assert sum(i.numel() for i in fit.plan.sparse.values()) == k
     assert outside_mask_is_theta0(tr, fit.plan.sparse)

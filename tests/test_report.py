@@ -293,3 +293,34 @@ def test_stats_equal_scipy(tmp_path, capsys):
 
     assert cli.main(["stats", str(root), "--method", "lora"]) == 2
     assert "--method 'lora': no such row" in capsys.readouterr().err
+
+
+def test_select_on_val_keeps_the_best_grid_point_per_row_and_task(tmp_path, capsys):
+    """Two burn-ins of SAM per task: the one with the better mean val wins, per task."""
+    runs = tmp_path / "runs"
+    plan = []
+    cells = {  # (burn-in, task) -> [(val, test)] over two seeds
+        (500, "rte"): [(70, 60), (72, 62)], (700, "rte"): [(75, 50), (77, 52)],
+        (500, "cb"): [(80, 81), (82, 83)], (700, "cb"): [(79, 99), (81, 97)],
+    }
+    for (burnin, task), vals in cells.items():
+        for seed, (val, test) in enumerate(vals):
+            d = write_run(runs, "sam", task, seed, test, label=f"SAM burnin_steps={burnin}", density=burnin)
+            result = json.loads((d / "result.json").read_text())
+            result["metrics"]["val"]["major"] = val
+            (d / "result.json").write_text(json.dumps(result))
+            plan.append({"run_id": result["run_id"], "task": task, "method": "sam", "seed": seed,
+                         "label": f"SAM burnin_steps={burnin}", "row": "SAM", "grid": {"method.burnin_steps": burnin}})
+    (runs / "sweep.json").write_text(json.dumps({"runs": plan}))
+    assert cli.main(["table", str(runs), "--format", "csv", "--select-on", "val"]) == 0
+    out = capsys.readouterr()
+    rows = list(csv.reader(io.StringIO(out.out)))
+    assert [r[0] for r in rows[1:]] == ["SAM"]
+    header = rows[0]
+    got = dict(zip(header, rows[1]))
+    assert float(got["RTE_mean"]) == pytest.approx(51.0)  # burn-in 700 won on val (76 > 71)
+    assert float(got["CB_mean"]) == pytest.approx(82.0)  # burn-in 500 won on val (81 > 80)
+    assert "SAM / rte: burnin_steps=700" in out.err and "SAM / cb: burnin_steps=500" in out.err
+    assert cli.main(["table", str(runs), "--select-on", "val"]) == 0
+    md = capsys.readouterr().out
+    assert "Grid points chosen on val" in md and "SAM / cb: burnin_steps=500 (mean val 81.00 over 2 runs" in md

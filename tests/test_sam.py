@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sam_peft.data import LengthGroupedSampler, collate
+from sam_peft.engine import SelectContext
 from util import hand_trainer
 
 
@@ -16,10 +17,11 @@ def test_sam_selection_is_topk_of_accumulated_gradient_score(score, topk):
     tr = hand_trainer({"name": "sam", "density": density, "burnin_steps": burnin, "score": score, "topk": topk},
                       max_steps=burnin, eval_every=1)
     model0 = copy.deepcopy(tr.model)  # the model before anything happens (no dropout in the hand model)
-    fit = tr.fit()
+    plan = tr.method.select(tr.model, SelectContext(tr))
 
     # The same batches, the same order: the run's training stream.
-    sampler = LengthGroupedSampler(tr.data.lengths("train"), tr.t.batch_size, seed=tr.seed)
+    sampler = LengthGroupedSampler(tr.data.lengths("train"), tr.t.batch_size, seed=tr.seed,
+                                   group_by_length=tr.t.group_by_length)
     stream = iter(sampler)
     params = dict(model0.named_parameters())
     sums = {n: torch.zeros_like(params[n]) for n in tr.eligible}
@@ -46,12 +48,13 @@ def test_sam_selection_is_topk_of_accumulated_gradient_score(score, topk):
         for n in tr.eligible:
             offsets[n] = start
             start += scores[n].numel()
-        got = {offsets[n] + i for n, idx in fit.plan.sparse.items() for i in idx.tolist()}
+        got = {offsets[n] + i for n, idx in plan.sparse.items() for i in idx.tolist()}
         assert got == chosen
     else:
         for n in tr.eligible:
-            idx = fit.plan.sparse[n]
+            idx = plan.sparse[n]
             expected = set(torch.topk(scores[n].reshape(-1), idx.numel()).indices.tolist())
             assert set(idx.tolist()) == expected, n
-    # burn-in updated nothing
+    # the burn-in updated nothing and took no training step
     assert all(torch.equal(tr.params[n], tr.theta0[n]) for n in tr.eligible)
+    assert (tr.step, tr.scoring_steps) == (0, burnin)

@@ -38,6 +38,11 @@ class MethodOptions(BaseModel):
     embeddings: bool = True
     layernorm: bool = True
 
+    def training_burnin(self) -> int:
+        """Training steps (weight updates) the method takes before its main phase. Config
+        validation rejects a max_steps that leaves no main-phase step after them."""
+        return 0
+
 
 class SparseOptions(MethodOptions):
     """Options of methods that choose floor(density * m) entries."""
@@ -49,17 +54,39 @@ class SparseOptions(MethodOptions):
 
 
 @dataclass
+class OwnGroup:
+    """Whole tensors trained by an AdamW of their own: a constant learning rate, their own weight
+    decay, and their own gradient-norm clipping (e.g. DiffPruning's gate logits, as Guo et al.
+    trained them). They follow neither the main schedule nor the main clipping norm."""
+
+    names: list[str]
+    lr: float
+    weight_decay: float = 0.0
+
+
+@dataclass
 class TrainPlan:
-    """What trains: whole tensors by name, and sorted flat indices inside others."""
+    """What trains: whole tensors by name, sorted flat indices inside others, and own groups."""
 
     dense: list[str] = field(default_factory=list)
     sparse: dict[str, torch.Tensor] = field(default_factory=dict)
     train_head: bool = True
+    groups: list[OwnGroup] = field(default_factory=list)
+    # Added tensors that AdamW must not decay, beyond the model's biases and LayerNorms
+    # (e.g. DiffPruning's diffs of bias and LayerNorm tensors).
+    no_decay: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        overlap = set(self.dense) & set(self.sparse)
-        if overlap:
-            raise ValueError(f"tensors both dense and sparse in a plan: {sorted(overlap)[:3]}")
+        named = [list(self.dense), list(self.sparse)] + [list(g.names) for g in self.groups]
+        seen: set[str] = set()
+        for names in named:
+            overlap = seen & set(names)
+            if overlap:
+                raise ValueError(f"tensors in two parts of a plan: {sorted(overlap)[:3]}")
+            seen |= set(names)
+
+    def group_names(self) -> list[str]:
+        return [n for g in self.groups for n in g.names]
 
 
 class Method(abc.ABC):
@@ -96,6 +123,11 @@ class Method(abc.ABC):
     def eval_weights(self, model, split: str):
         """Context manager: the weights evaluation on `split` should see."""
         return contextlib.nullcontext()
+
+    def attach_for_eval(self, model, params: dict, theta0: dict, seed: int, device) -> None:
+        """`sam-peft eval` rebuilt the trained model from the base and the delta: set up what
+        eval_weights needs for the final evaluations (params: the eligible parameters, theta0
+        their pretrained values). Default: nothing (the rebuilt weights are what evaluation sees)."""
 
     # 4. end of training
     def finalize(self, model) -> None:

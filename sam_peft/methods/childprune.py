@@ -1,15 +1,23 @@
 """ChildPruning: choose a child network of floor(p*m) entries, then train only those.
 
 - `variant: paper` (default; the paper's description, and the authors' closest code): train
-  all eligible parameters for `burnin_steps` steps (500), and after every step keep the top
-  floor(p*m) entries by |theta - theta0| and reset the rest to theta0 bit for bit. The mask of
-  the last projection is then fixed and the chosen entries keep training from where they are.
-  `topk: per_tensor` gives each tensor its share, as the authors' code did.
-- `variant: fisher`: ChildTuning-D (Xu et al. 2021): accumulate the sum of squared gradients
-  over one pass of the training data (ceil(n_train / batch_size) batches) without updating
-  anything, keep the top floor(p*m) entries, and train only those. `burnin_steps` does not
-  apply. Judgment call: the chosen entries then train as in every sparse method here (no
-  ChildTuning gradient rescaling; the paper evaluates the child network as a sparse method).
+  all eligible parameters for `burnin_steps` training steps (500), and after every step keep the
+  top floor(p*m) entries by |theta - theta0| and reset the rest to theta0 bit for bit. The mask
+  of the last projection is then fixed and the chosen entries keep training from where they
+  are. `topk: per_tensor` gives each tensor its share, as the authors' code did. The burn-in
+  updates weights, so its steps are steps of the schedule every method shares.
+- `variant: fisher`: ChildTuning-D (Xu et al. 2021, alibaba/AliceMind ChildTuning/ChildTuningD.py):
+  one pass over the training data (ceil(n_train / batch_size) scoring batches, no update, no
+  training step) accumulates the Fisher information: each tensor's gradient is clipped on its
+  own to `train.grad_clip` (their max_grad_norm), squared, summed, and the sum divided by the
+  number of batches. As in the original, only the parameters inside the transformer layers are
+  scored (their `'layer' in name`: not the embeddings, not the pooler); `fisher_scope: eligible`
+  scores every eligible parameter instead. The top floor(p*m_scored) entries then train, where
+  m_scored counts the scored entries (the original's reserve_p is a share of those).
+  Difference kept on purpose: the original trains the unscored parameters (embeddings, pooler)
+  densely alongside the child network; here they stay frozen, so that ChildPruning is a
+  p-sparse method like the other rows, and the chosen entries train with plain AdamW (no
+  ChildTuning gradient rescaling).
 """
 
 from __future__ import annotations
@@ -19,13 +27,19 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from sam_peft.errors import UserError
 from sam_peft.methods import register_method
 from sam_peft.methods.base import Method, SparseOptions, TrainPlan
+from sam_peft.params import in_numbered_layer
 
 
 class ChildPruneOptions(SparseOptions):
     burnin_steps: int = Field(500, ge=1)
     variant: Literal["paper", "fisher"] = "paper"
+    fisher_scope: Literal["layers", "eligible"] = "layers"
+
+    def training_burnin(self) -> int:
+        return self.burnin_steps if self.variant == "paper" else 0
 
 
 @register_method("childprune")
@@ -39,8 +53,15 @@ class ChildPruning(Method):
 
     def select(self, model, ctx) -> TrainPlan:
         if self.opts.variant == "fisher":
-            sum_sq = ctx.accumulate_gradients(ctx.batches_per_epoch, stats=("sum_sq",))["sum_sq"]
-            return TrainPlan(sparse=ctx.topk(sum_sq, self.opts.density, self.opts.topk))
+            names = [n for n in ctx.eligible if self.opts.fisher_scope == "eligible" or in_numbered_layer(n)]
+            if not names:
+                raise UserError("method.fisher_scope: no eligible parameter lies inside a numbered transformer "
+                                "layer of this model; use fisher_scope: eligible")
+            n_batches = ctx.batches_per_epoch
+            sums = ctx.accumulate_gradients(n_batches, stats=("sum_sq",), names=names, clip=ctx.grad_clip,
+                                            clip_mode="per_tensor")["sum_sq"]
+            fisher = {n: s / n_batches for n, s in sums.items()}
+            return TrainPlan(sparse=ctx.topk(fisher, self.opts.density, self.opts.topk))
         self._ctx = ctx
         try:
             ctx.train(self.opts.burnin_steps, ctx.full_plan())

@@ -1,37 +1,51 @@
 """DiffPruning (Guo et al. 2021): gated diffs with an L0 penalty, projected onto floor(p*m) entries.
 
-theta = theta0 + z * w with hard-concrete gates z and an L0 penalty, then a magnitude
-projection onto exactly floor(p*m) entries and fixed-mask training.
+theta = theta0 + z * w with hard-concrete gates z and an L0 penalty, then a projection onto
+exactly floor(p*m) entries and fixed-mask training. Defaults follow Guo et al.'s code
+(dguo98/DiffPruning, examples/run_glue_diffpruning.py); the paper authors' code is one option
+per difference (docs/fidelity.md has the table).
 
-Burn-in (`burnin_steps`, 500 as in the authors' code): every eligible tensor gets a diff w
-(zeros) and gate logits log_alpha (`alpha_init`). Each step samples
+Burn-in (`burnin_steps`, 500 training steps: weights change, so they are steps of the shared
+schedule): every eligible tensor gets a diff w (zeros) and gate logits log_alpha (`alpha_init`,
+5: gates start nearly open). Each step samples
     s = sigmoid((log u - log(1 - u) + log_alpha) / temperature),  u ~ U(0, 1)
     z = clamp(s * (r - l) + l, 0, 1)                              (l, r) = `stretch`
-and adds the L0 penalty  l0_lambda * P(z != 0),  P = sigmoid(log_alpha - temperature * log(-l / r)),
-as a mean over the m entries (`l0_reduction: mean`, default: the authors' code, lambda 1.0)
-or a sum (`sum`: Guo et al.'s per-parameter coefficient, e.g. l0_lambda 1.25e-7).
-End of burn-in: diff = z_det * w with the deterministic gate z_det = clamp(sigmoid(log_alpha) *
-(r - l) + l, 0, 1); the top floor(p*m) entries by |diff| (`project_by: magnitude`, Guo et al.
-and the paper; `alpha`: by log_alpha, the authors' code) keep theta0 + diff, all others theta0;
-the gates are removed and the engine's fixed-mask sparse training continues from there.
+and adds the expected L0 norm, P(z != 0) = sigmoid(log_alpha - temperature * log(-l / r)),
+weighted by `l0_lambda`:
+- `l0_reduction: sum` (default, Guo et al.): lambda * sum over the m entries, lambda 1.25e-7 (their
+  default per-parameter coefficient). The penalty then grows with the model, as the sum of m
+  per-entry costs: at RoBERTa-base's m = 125M it is about 15.6 * the mean open probability.
+- `mean` (the paper authors' code): lambda * mean over the entries, lambda 1.
+The gate logits train in their own AdamW, as in Guo et al.: `alpha_lr` 0.1, constant (their
+second scheduler was never stepped), no weight decay, gradient norm clipped on its own. With
+`alpha_lr: null` they sit in the main optimizer instead (main schedule and weight decay), as
+in the authors' code; at lr 1e-4 they then barely move from their initial value.
+`per_tensor_alpha: true`: Guo et al.'s structured variant (their script's default): a second,
+scalar gate per tensor multiplies the entries' gates, with its own L0 term.
+
+End of burn-in, the projection (exactly floor(p*m) entries):
+- `project_by: magnitude` (default; Guo et al. and the paper): the top |z_det * w|, with the
+  deterministic gate z_det = clamp(sigmoid(log_alpha) * (r - l) + l, 0, 1); chosen entries keep
+  theta0 + z_det * w.
+- `project_by: alpha` (the authors' code): per tensor (needs `topk: per_tensor`), the top
+  |log_alpha|; chosen entries keep theta0 + w, the gate dropped.
+The gates are then removed, all other entries are theta0 bit for bit, and the engine's
+fixed-mask sparse training continues.
 
 `remask_every: N` (the paper's Fig. 4 uses 600 on CB): the gated parametrization (and its L0
 penalty) stays for the whole run; at global steps burnin+N, burnin+2N, ... the mask is
-re-projected (top-k |z_det * w|) and w is zeroed outside it, so the training loss jumps back up.
-Evaluation sees theta0 + mask * z_det * w; after the best checkpoint is restored (gates and
-mask), exactly those weights are baked in. The projection steps are in result.json under
-method_report.projections.
+re-projected and w is zeroed outside it, so the training loss jumps back up. Evaluation sees
+theta0 + mask * diff; after the best checkpoint is restored (gates and mask), exactly those
+weights are baked in. The projection steps are in result.json under method_report.projections.
 
 Implementation: no module surgery. The gate tensors live in `model.diffprune` (added
-parameters, trained whole); `before_forward` writes theta0 + z * w into the eligible
-parameters, the backward pass gives dL/dtheta there, and `after_backward` carries it on to w
-and log_alpha through z * w (autograd), then puts theta0 back. The eligible parameters keep
-their names throughout, and hold theta0 between steps.
+parameters); `before_forward` writes theta0 + z * w into the eligible parameters, the backward
+pass gives dL/dtheta there, and `after_backward` carries it on to w and log_alpha through z * w
+(autograd), then puts theta0 back. The eligible parameters keep their names, and hold theta0
+between steps.
 
-Defaults and judgment calls: `stretch` (-1.5, 1.5) is Guo et al.'s (the authors' code used
-(-3, 3)); `temperature` 1.0; `alpha_init` 5.0 (gates start nearly open). AdamW's weight decay
-treats w and log_alpha as any added parameter (decayed unless the name ends in "bias"); at the
-protocol's lr and decay this moves log_alpha by about 1e-6 of its value per step.
+Other authors'-code values, as options: `stretch: [-3, 3]`, `alpha_init: sigmoid_randn`
+(sigmoid of a standard normal draw per entry).
 """
 
 from __future__ import annotations
@@ -41,21 +55,26 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from sam_peft.methods import register_method
-from sam_peft.methods.base import Method, SparseOptions, TrainPlan
+from sam_peft.methods.base import Method, OwnGroup, SparseOptions, TrainPlan
+from sam_peft.params import no_decay_names
 from sam_peft.selection import topk_entries
+
+L0_LAMBDA_DEFAULT = {"sum": 1.25e-7, "mean": 1.0}  # Guo et al.'s per-entry weight; the authors' code
 
 
 class DiffPruneOptions(SparseOptions):
     burnin_steps: int = Field(500, ge=1)
     stretch: tuple[float, float] = (-1.5, 1.5)
     temperature: float = Field(1.0, gt=0)
-    alpha_init: float = 5.0
-    l0_lambda: float = Field(1.0, ge=0)
-    l0_reduction: Literal["mean", "sum"] = "mean"
+    alpha_init: float | Literal["sigmoid_randn"] = 5.0
+    alpha_lr: float | None = Field(0.1, gt=0)
+    l0_reduction: Literal["sum", "mean"] = "sum"
+    l0_lambda: float | None = Field(None, ge=0)  # None: 1.25e-7 with sum, 1.0 with mean
+    per_tensor_alpha: bool = False
     project_by: Literal["magnitude", "alpha"] = "magnitude"
     remask_every: int | None = Field(None, ge=1)
 
@@ -65,6 +84,17 @@ class DiffPruneOptions(SparseOptions):
         if not (v[0] < 0 and v[1] > 1):
             raise ValueError("stretch (l, r) needs l < 0 and r > 1 so that gates can be exactly 0 and 1")
         return v
+
+    @model_validator(mode="after")
+    def _defaults_and_combinations(self):
+        if self.l0_lambda is None:
+            self.l0_lambda = L0_LAMBDA_DEFAULT[self.l0_reduction]
+        if self.project_by == "alpha" and self.topk != "per_tensor":
+            raise ValueError("project_by: alpha is the authors' per-tensor projection; set topk: per_tensor")
+        return self
+
+    def training_burnin(self) -> int:
+        return self.burnin_steps
 
 
 def sample_gate(log_alpha, u, stretch, temperature):
@@ -80,7 +110,7 @@ def deterministic_gate(log_alpha, stretch):
 
 
 def open_probability(log_alpha, stretch, temperature):
-    """P(z != 0): the expected L0 norm per entry."""
+    """P(z != 0): the expected L0 norm per gate."""
     lo, hi = stretch
     return torch.sigmoid(log_alpha - temperature * math.log(-lo / hi))
 
@@ -90,14 +120,23 @@ def _key(name: str) -> str:
 
 
 class Gates(nn.Module):
-    """w and log_alpha for each gated tensor, under `model.diffprune`."""
+    """w and log_alpha for each gated tensor (and a per-tensor log_alpha), under `model.diffprune`."""
 
-    def __init__(self, params: dict[str, nn.Parameter], alpha_init: float):
+    def __init__(self, params: dict[str, nn.Parameter], alpha_init, per_tensor: bool = False,
+                 generator: torch.Generator | None = None):
         super().__init__()
+
+        def init(p):
+            if alpha_init == "sigmoid_randn":  # the authors' code: sigmoid of a standard normal
+                return torch.randn(p.shape, generator=generator).sigmoid().to(p.device)
+            return torch.full_like(p, float(alpha_init), dtype=torch.float32)
+
         self.w = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros_like(p, dtype=torch.float32))
                                    for n, p in params.items()})
-        self.log_alpha = nn.ParameterDict({_key(n): nn.Parameter(torch.full_like(p, alpha_init, dtype=torch.float32))
-                                           for n, p in params.items()})
+        self.log_alpha = nn.ParameterDict({_key(n): nn.Parameter(init(p)) for n, p in params.items()})
+        self.tensor_log_alpha = nn.ParameterDict(
+            {_key(n): nn.Parameter(torch.full((1,), float(alpha_init) if alpha_init != "sigmoid_randn" else 0.5,
+                                              device=p.device)) for n, p in params.items()} if per_tensor else {})
 
 
 @register_method("diffprune")
@@ -112,33 +151,63 @@ class DiffPruning(Method):
         self._pending: dict[str, torch.Tensor] = {}  # z * w of the current step (with its graph)
         self._generator: torch.Generator | None = None
         self._k = 0
-        self._topk = "global"
         self._burnin_end: int | None = None
         self.mask: dict[str, torch.Tensor] = {}  # flat indices (remask mode: the current mask)
         self.projections: list[int] = []  # global steps at which the mask was (re)projected
+        self.open_share: list[tuple[int, float]] = []  # (step, mean P(z != 0)) at each projection
 
     # ------------------------------------------------------------------ gates
-    def _install(self, model, ctx) -> list[str]:
-        self._gates = Gates(self._params, self.opts.alpha_init).to(ctx.device)
+    def _install(self, model, ctx) -> TrainPlan:
+        init_gen = torch.Generator().manual_seed(7_877 * ctx.seed + 5)
+        self._gates = Gates(self._params, self.opts.alpha_init, self.opts.per_tensor_alpha, init_gen).to(ctx.device)
         model.diffprune = self._gates
-        return [n for n, _ in model.named_parameters() if n.startswith("diffprune.")]
+        names = [n for n, _ in model.named_parameters() if n.startswith("diffprune.")]
+        w_names = [n for n in names if n.startswith("diffprune.w.")]
+        alpha_names = [n for n in names if not n.startswith("diffprune.w.")]
+        # The diffs decay as their tensors would (not biases and LayerNorms), as Guo et al.'s no_decay.
+        base_no_decay = {_key(n) for n in no_decay_names(model) if n in self._params}
+        w_no_decay = [n for n in w_names if n.removeprefix("diffprune.w.") in base_no_decay]
+        if self.opts.alpha_lr is None:  # the authors' code: gate logits in the main optimizer
+            return TrainPlan(dense=w_names + alpha_names, no_decay=w_no_decay)
+        return TrainPlan(dense=w_names, no_decay=w_no_decay,
+                         groups=[OwnGroup(alpha_names, lr=self.opts.alpha_lr, weight_decay=0.0)])
 
     def _remove(self, model) -> None:
         del model.diffprune
         self._gates = None
 
-    def _diff(self, n: str) -> torch.Tensor:
-        """The deterministic diff z_det * w of one tensor (no graph)."""
+    def _det_gate(self, n: str) -> torch.Tensor:
         k = _key(n)
-        return deterministic_gate(self._gates.log_alpha[k].detach(), self.opts.stretch) * self._gates.w[k].detach()
+        z = deterministic_gate(self._gates.log_alpha[k].detach(), self.opts.stretch)
+        if self.opts.per_tensor_alpha:
+            z = z * deterministic_gate(self._gates.tensor_log_alpha[k].detach(), self.opts.stretch)
+        return z
+
+    def _diff(self, n: str) -> torch.Tensor:
+        """What a chosen entry keeps on top of theta0 (no graph): z_det * w, or w with the gate
+        dropped under the authors' projection."""
+        w = self._gates.w[_key(n)].detach()
+        return w if self.opts.project_by == "alpha" else self._det_gate(n) * w
 
     @torch.no_grad()
     def _project(self) -> dict[str, torch.Tensor]:
         if self.opts.project_by == "magnitude":
             scores = {n: self._diff(n).abs() for n in self._params}
         else:
-            scores = {n: self._gates.log_alpha[_key(n)].detach() for n in self._params}
-        return topk_entries(scores, self._k, self._topk)
+            scores = {n: self._gates.log_alpha[_key(n)].detach().abs() for n in self._params}
+        return topk_entries(scores, self._k, self.opts.topk)
+
+    def expected_density(self) -> float:
+        """Mean open probability P(z != 0) over the gated entries (the expected L0 norm / m)."""
+        with torch.no_grad():
+            total = sum(float(self._open(k).sum()) for k in self._gates.log_alpha)
+        return total / sum(la.numel() for la in self._gates.log_alpha.values())
+
+    def _open(self, k: str) -> torch.Tensor:
+        p = open_probability(self._gates.log_alpha[k], self.opts.stretch, self.opts.temperature)
+        if self.opts.per_tensor_alpha:
+            p = p * open_probability(self._gates.tensor_log_alpha[k], self.opts.stretch, self.opts.temperature)
+        return p
 
     @torch.no_grad()
     def _write_masked(self) -> None:
@@ -160,19 +229,22 @@ class DiffPruning(Method):
         self._params = dict(ctx.eligible)
         self._theta0 = ctx.theta0
         self._k = ctx.budget(self.opts.density)
-        self._topk = self.opts.topk
         self._generator = torch.Generator(device=ctx.device).manual_seed(104_729 * ctx.seed + 3)
-        gate_names = self._install(model, ctx)
-        ctx.train(self.opts.burnin_steps, TrainPlan(dense=gate_names))
+        gated = self._install(model, ctx)
+        ctx.train(self.opts.burnin_steps, gated)
         self._burnin_end = ctx.step
-        self.mask = self._project()
-        self.projections.append(ctx.step)
+        self._mark_projection(ctx.step)
         if self.opts.remask_every is None:
             self._write_masked()
             self._remove(model)
             return TrainPlan(sparse=self.mask)
         self._zero_outside_mask()
-        return TrainPlan(dense=gate_names)
+        return gated
+
+    def _mark_projection(self, step: int) -> None:
+        self.open_share.append((step, self.expected_density()))
+        self.mask = self._project()
+        self.projections.append(step)
 
     @torch.no_grad()
     def _zero_outside_mask(self) -> None:
@@ -186,11 +258,17 @@ class DiffPruning(Method):
     def before_forward(self, model, step: int) -> None:
         if self._gates is None:
             return
+        per_tensor = self.opts.per_tensor_alpha
         for n, p in self._params.items():
             k = _key(n)
             la = self._gates.log_alpha[k]
             u = torch.rand(la.shape, generator=self._generator, device=la.device).clamp_(1e-6, 1 - 1e-6)
-            d = sample_gate(la, u, self.opts.stretch, self.opts.temperature) * self._gates.w[k]
+            z = sample_gate(la, u, self.opts.stretch, self.opts.temperature)
+            if per_tensor:
+                tla = self._gates.tensor_log_alpha[k]
+                ut = torch.rand(tla.shape, generator=self._generator, device=tla.device).clamp_(1e-6, 1 - 1e-6)
+                z = z * sample_gate(tla, ut, self.opts.stretch, self.opts.temperature)
+            d = z * self._gates.w[k]
             self._pending[n] = d
             with torch.no_grad():
                 p.copy_(self._theta0[n] + d.detach().to(p.dtype))
@@ -200,9 +278,10 @@ class DiffPruning(Method):
         if self._gates is None or not self.opts.l0_lambda:
             return None
         total = sum(open_probability(la, self.opts.stretch, self.opts.temperature).sum()
-                    for la in self._gates.log_alpha.values())
+                    for la in list(self._gates.log_alpha.values()) + list(self._gates.tensor_log_alpha.values()))
         if self.opts.l0_reduction == "mean":
-            total = total / sum(la.numel() for la in self._gates.log_alpha.values())
+            total = total / sum(la.numel() for la in
+                                list(self._gates.log_alpha.values()) + list(self._gates.tensor_log_alpha.values()))
         return self.opts.l0_lambda * total
 
     def after_backward(self, model, step: int) -> None:
@@ -226,9 +305,8 @@ class DiffPruning(Method):
             return  # no gates, no re-projection, or still in burn-in (it ends with a projection)
         if step <= self._burnin_end or (step - self._burnin_end) % n:
             return
-        self.mask = self._project()
+        self._mark_projection(step)
         self._zero_outside_mask()
-        self.projections.append(step)
 
     def eval_weights(self, model, split: str):
         if self._gates is None:
@@ -245,7 +323,7 @@ class DiffPruning(Method):
 
     # ------------------------------------------------------------------ end of training
     def finalize(self, model) -> None:
-        if self._gates is not None:  # remask mode: bake theta0 + mask * z_det * w of the restored best
+        if self._gates is not None:  # remask mode: bake theta0 + mask * diff of the restored best
             self._write_masked()
             self._remove(model)
 
@@ -262,7 +340,7 @@ class DiffPruning(Method):
 
     def training_state(self) -> dict:
         # Resume: the current mask, the gate-noise stream and the projection log.
-        state = {**self.state_dict(), "projections": list(self.projections)}
+        state = {**self.state_dict(), "projections": list(self.projections), "open_share": list(self.open_share)}
         if self._generator is not None:
             state["generator"] = self._generator.get_state()
         return state
@@ -270,8 +348,10 @@ class DiffPruning(Method):
     def load_training_state(self, state: dict) -> None:
         self.load_state_dict(state)
         self.projections = list(state.get("projections", self.projections))
+        self.open_share = [tuple(x) for x in state.get("open_share", self.open_share)]
         if "generator" in state and self._generator is not None:
             self._generator.set_state(state["generator"])
 
     def report(self) -> dict:
-        return {"projections": list(self.projections), "k": self._k, "burnin_end": self._burnin_end}
+        return {"projections": list(self.projections), "k": self._k, "burnin_end": self._burnin_end,
+                "expected_density": [{"step": s, "mean_open_probability": round(d, 6)} for s, d in self.open_share]}

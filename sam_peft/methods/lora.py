@@ -6,7 +6,11 @@ train whole, with the task head. `merge_weights=False`, so that eval() never add
 pretrained weight: the base weights stay bit-identical and the delta holds A and B only.
 
 Options:
-- `r` (8), `alpha` (16): rank and scale (scaling = alpha / r).
+- `r` (8), `alpha` (16): rank and scale (scaling = alpha / r); Hu et al.'s RoBERTa-base values.
+- `variant: authors`: the paper authors' code, `lora.Linear(in, out, r)` with loralib's default
+  lora_alpha = 1 (scaling 1/r) and B re-initialised like A (Kaiming uniform); it sets `alpha` 1
+  and `b_init` kaiming (naming other values of those with it is an error). Table 1 uses the
+  default (`variant: standard`).
 - `targets`: which Linear modules. A target is a module's path inside its transformer layer
   (`attention.output.dense`, `output.dense`, `intermediate.dense`) or its last name alone
   (`query`). The default is the paper's six: query, key, value, attention output, intermediate
@@ -26,7 +30,7 @@ import re
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from sam_peft.errors import UserError
@@ -38,12 +42,22 @@ _IN_LAYER = re.compile(r"(?:^|\.)layer\.\d+\.(.+)$")
 
 
 class LoRAOptions(MethodOptions):
+    variant: Literal["standard", "authors"] = "standard"
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
     targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
     b_init: Literal["zeros", "kaiming"] = "zeros"
     dropout: float = Field(0.0, ge=0, lt=1)
     train_head: bool = True
+
+    @model_validator(mode="after")
+    def _authors_variant(self):
+        if self.variant == "authors":
+            for key, value in (("alpha", 1.0), ("b_init", "kaiming")):
+                if key in self.model_fields_set and getattr(self, key) != value:
+                    raise ValueError(f"variant: authors means {key} {value}; drop {key} or the variant")
+            self.alpha, self.b_init = 1.0, "kaiming"
+        return self
 
 
 def targeted(module_name: str, targets: list[str]) -> bool:

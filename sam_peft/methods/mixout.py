@@ -1,33 +1,35 @@
-"""Mixout (Lee et al. 2019): each step, each entry is swapped for its pretrained value with prob. p.
+"""Mixout (Lee et al. 2020): during training, parts of the weights are swapped for their pretrained values.
 
-Full fine-tuning in which, at every training step, each eligible entry is swapped for its
-pretrained value with probability p.
+Full fine-tuning (every eligible parameter trains) in which, at every training step, the weight
+of each Linear layer of the encoder is mixed with its pretrained value, as Lee et al.'s
+implementation does (bloodwass/mixout: mixout.py's Mixout function, MixLinear):
+- only nn.Linear weights are mixed: never biases, embeddings or LayerNorms;
+- `mask: column` (default): one Bernoulli(1 - p) draw per input column, shared by all rows of
+  the weight (their noise[0] repeated over the rows); `mask: entry` draws one per entry;
+- with keep mask M, the forward pass sees  w~ = ((1 - M) w0 + M w - p w0) / (1 - p),
+  written here as w0 + M (w - w0) / (1 - p) (the same value; it is w0 bit for bit wherever
+  w == w0, so step 0 sees the pretrained model), and E[w~] = w: inference uses w;
+- the backward pass returns dL/dw = M * dL/dw~, exactly as their Function's backward does
+  (it omits the 1 / (1 - p) of the true derivative; Adam is insensitive to that constant
+  scale up to its eps and the clipping threshold);
+- the encoder's dropout is set to 0 (their examples replace every Dropout by Dropout(0) when
+  Mixout is used); `keep_dropout: true` keeps it.
 
-With a keep mask M ~ Bernoulli(1 - p), the forward pass of a step sees
+`p` (0.9): the swap probability; the paper does not state it, 0.9 is Lee et al.'s value for
+large models.
 
-    w~ = (M * w + (1 - M) * w0 - p * w0) / (1 - p)  =  w0 + M * (w - w0) / (1 - p),
-
-so E[w~] = w: inference (eval mode) uses the plain weights w. We write the second form: it is
-the same value, and it gives w~ == w0 bit for bit wherever w == w0 (at step 0 the training
-forward is the pretrained model's). No module is replaced: `before_forward` writes w~ into the
-parameters, `after_backward` puts w back and turns dL/dw~ into dL/dw = dL/dw~ * M / (1 - p).
-
-Options:
-- `p` (0.9): the swap probability. The paper does not state its value; 0.9 is Lee et al.'s usual
-  setting for large models.
-- `mode: train` (default, the paper): Mixout during training as above.
-- `mode: eval_reset` reproduces the authors' code: plain full fine-tuning, and each validation
-  evaluation during training sees a copy in which each eligible entry is reset to theta0 with
-  probability p, without rescaling. The final evaluations (after training) see the plain
-  trained weights, as the authors' test path did.
-
-Judgment call: every eligible tensor is mixed (Lee et al. mixed the weights of linear layers);
-the `embeddings` / `layernorm` switches remove those tensors, as for every method.
+`mode: eval_reset` reproduces the paper authors' code instead: plain full fine-tuning (dropout
+kept, nothing mixed during training), and every evaluation — each validation during training
+and the final val, test and train evaluations — sees a fresh copy in which each eligible entry
+is reset to theta0 with probability p, without rescaling (their run_val). The reset masks come
+from a stream seeded by the run seed; the final evaluations use a stream seeded by (seed,
+split), so that `sam-peft eval` reproduces them from the delta.
 """
 
 from __future__ import annotations
 
 import contextlib
+import zlib
 from typing import Literal
 
 import torch
@@ -35,16 +37,23 @@ from pydantic import Field
 
 from sam_peft.methods import register_method
 from sam_peft.methods.base import Method, MethodOptions, TrainPlan
+from sam_peft.params import linear_weight_names
 
 
 class MixoutOptions(MethodOptions):
     p: float = Field(0.9, ge=0, lt=1)
     mode: Literal["train", "eval_reset"] = "train"
+    mask: Literal["column", "entry"] = "column"
+    keep_dropout: bool = False
 
 
 def mix(w: torch.Tensor, w0: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     """The mixed weight w0 + keep * (w - w0) / (1 - p); its expectation over keep is w."""
     return torch.where(keep, w0 + (w - w0) / (1 - p), w0)
+
+
+def _final_seed(seed: int, split: str) -> int:
+    return (7_919 * seed + zlib.crc32(split.encode())) % 2**62
 
 
 @register_method("mixout")
@@ -53,31 +62,51 @@ class Mixout(Method):
 
     def __init__(self, opts):
         super().__init__(opts)
-        self._params: dict[str, torch.nn.Parameter] = {}
+        self._params: dict[str, torch.nn.Parameter] = {}  # the eligible parameters (all train)
+        self._mixed: list[str] = []  # the Linear weights among them (mode train mixes these)
         self._theta0: dict[str, torch.Tensor] = {}
         self._generator: torch.Generator | None = None
+        self._seed = 0
         self._saved: dict[str, torch.Tensor] = {}  # w while a step's forward/backward sees w~
         self._keep: dict[str, torch.Tensor] = {}
         self._finalized = False
 
+    def wrap(self, model) -> None:
+        if self.opts.mode == "train" and not self.opts.keep_dropout:
+            for module in model.encoder.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+
     def select(self, model, ctx) -> TrainPlan:
-        self._params = dict(ctx.eligible)
-        self._theta0 = ctx.theta0
-        # Its own stream (not the global one that dropout uses), on the parameters' device so
-        # that drawing the masks does not cross devices; seeded from the run seed.
-        self._generator = torch.Generator(device=ctx.device).manual_seed(7_919 * ctx.seed + 11)
+        self._attach(dict(ctx.eligible), ctx.theta0, ctx.seed, ctx.device)
+        self._mixed = [n for n in self._params if n in linear_weight_names(model)]
         return ctx.full_plan()
 
-    def _keep_mask(self, p: torch.Tensor) -> torch.Tensor:
-        """Bernoulli(1 - p) per entry: True keeps the fine-tuned value."""
-        return torch.rand(p.shape, generator=self._generator, device=p.device) >= self.opts.p
+    def _attach(self, params, theta0, seed, device) -> None:
+        self._params, self._theta0, self._seed = params, theta0, seed
+        # Its own stream (not the global one that dropout uses), on the parameters' device so
+        # that drawing the masks does not cross devices; seeded from the run seed.
+        self._generator = torch.Generator(device=device).manual_seed(7_919 * seed + 11)
+
+    def attach_for_eval(self, model, params, theta0, seed, device) -> None:
+        """`sam-peft eval`: the final evaluations of eval_reset mode, rebuilt from the delta."""
+        if self.opts.mode == "eval_reset":
+            self._attach(params, theta0, seed, device)
+        self._finalized = True
+
+    def _keep_mask(self, p: torch.Tensor, mask: str, generator) -> torch.Tensor:
+        """Bernoulli(1 - p): True keeps the fine-tuned value; per input column or per entry."""
+        shape = p.shape[-1:] if mask == "column" and p.dim() == 2 else p.shape
+        keep = torch.rand(shape, generator=generator, device=generator.device) >= self.opts.p
+        return keep.to(p.device).expand_as(p)
 
     @torch.no_grad()
     def before_forward(self, model, step: int) -> None:
         if self.opts.mode != "train" or self._finalized:
             return
-        for n, p in self._params.items():
-            keep = self._keep_mask(p)
+        for n in self._mixed:
+            p = self._params[n]
+            keep = self._keep_mask(p, self.opts.mask, self._generator)
             self._saved[n] = p.detach().clone()
             self._keep[n] = keep
             p.copy_(mix(p, self._theta0[n], keep, self.opts.p))
@@ -86,13 +115,13 @@ class Mixout(Method):
     def after_backward(self, model, step: int) -> None:
         if not self._saved:
             return
-        scale = 1.0 / (1 - self.opts.p)
-        for n, p in self._params.items():
+        for n in self._mixed:
+            p = self._params[n]
             p.copy_(self._saved.pop(n))
             keep = self._keep.pop(n)
             if p.grad is not None:
-                # d w~ / d w = M / (1 - p): swapped entries get no gradient this step.
-                p.grad.copy_(torch.where(keep, p.grad * scale, torch.zeros_like(p.grad)))
+                # As Lee et al.'s backward: the kept entries pass dL/dw~ on, swapped ones get none.
+                p.grad.copy_(torch.where(keep, p.grad, torch.zeros_like(p.grad)))
 
     def training_state(self) -> dict:
         # The mask stream must continue where it stopped when a killed run resumes.
@@ -103,18 +132,21 @@ class Mixout(Method):
             self._generator.set_state(state["generator"])
 
     def eval_weights(self, model, split: str):
-        if self.opts.mode == "eval_reset" and split == "val" and not self._finalized and self._params:
-            return self._reset_copy()
-        return contextlib.nullcontext()
+        if self.opts.mode != "eval_reset" or not self._params:
+            return contextlib.nullcontext()
+        if self._finalized:  # final evaluations: a stream per split, reproducible from the delta
+            device = next(iter(self._params.values())).device
+            return self._reset_copy(torch.Generator(device=device).manual_seed(_final_seed(self._seed, split)))
+        return self._reset_copy(self._generator)
 
     @contextlib.contextmanager
-    def _reset_copy(self):
+    def _reset_copy(self, generator):
         """The authors' evaluation: each entry reset to theta0 with probability p, no rescaling."""
         saved = {}
         with torch.no_grad():
             for n, p in self._params.items():
                 saved[n] = p.detach().clone()
-                p.copy_(torch.where(self._keep_mask(p), p, self._theta0[n]))
+                p.copy_(torch.where(self._keep_mask(p, "entry", generator), p, self._theta0[n]))
         try:
             yield
         finally:
@@ -123,6 +155,5 @@ class Mixout(Method):
                     p.copy_(saved[n])
 
     def finalize(self, model) -> None:
-        # The weights between steps are always the plain w; nothing to undo. Later evaluations
-        # (val/test/train after training) must see them as they are.
+        # The weights between steps are always the plain w; nothing to undo.
         self._finalized = True

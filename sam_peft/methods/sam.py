@@ -1,11 +1,22 @@
 """SAM (Fu et al. 2023): second-order approximation of which entries matter.
 
-Accumulate gradients over `burnin_steps` batches without updating anything, score each
-eligible entry, keep the top floor(p*m), then fine-tune only those with the mask fixed.
-Scores (Theorem 3 with D = |lambda_max| I gives the first):
-- squared_sum (default): (sum of gradients)^2
-- fisher: sum of squared gradients (the authors' code had this option)
-- abs_sum: sum of |gradient| (the authors' code's "abs" option)
+Accumulate gradients over `burnin_steps` scoring batches without updating anything, score each
+eligible entry, keep the top floor(p*m), then fine-tune only those with the mask fixed. The
+scoring batches are not training steps: SAM then gets as many weight updates, under the same
+schedule, as every other method (the authors' runner returned before its scheduler step and its
+train-state step during the burn-in).
+
+Options:
+- `score`: `squared_sum` (default: (sum of gradients)^2, Theorem 3 with D = |lambda_max| I);
+  `fisher` (sum of squared gradients) and `abs_sum` (sum of |gradients|), options of the
+  authors' code.
+- `topk`: `global` (default: one top-k over all eligible entries, the paper's theorem) or
+  `per_tensor` (each tensor its share, as the authors' code selected).
+- `clip_burnin_grads` (false): clip each scoring batch's gradients to `train.grad_clip` (one
+  norm over the model's gradients) before summing them, as the authors' code did (its backward
+  pass always ended in clip_grad_norm_).
+- `burnin_steps` (500): the paper chose it from {500, 600, 700, 800, 900, 1000, 2000} on the
+  dev set; a sweep can do the same (configs/table1.yaml, `sam-peft table --select-on val`).
 """
 
 from typing import Literal
@@ -21,6 +32,7 @@ _STAT = {"squared_sum": "sum", "fisher": "sum_sq", "abs_sum": "sum_abs"}
 class SAMOptions(SparseOptions):
     burnin_steps: int = Field(500, ge=1)
     score: Literal["squared_sum", "fisher", "abs_sum"] = "squared_sum"
+    clip_burnin_grads: bool = False
 
 
 @register_method("sam")
@@ -29,6 +41,7 @@ class SAM(Method):
 
     def select(self, model, ctx) -> TrainPlan:
         stat = _STAT[self.opts.score]
-        acc = ctx.accumulate_gradients(self.opts.burnin_steps, stats=(stat,))[stat]
+        clip = ctx.grad_clip if self.opts.clip_burnin_grads else 0.0
+        acc = ctx.accumulate_gradients(self.opts.burnin_steps, stats=(stat,), clip=clip)[stat]
         scores = {n: g.square() if stat == "sum" else g for n, g in acc.items()}
         return TrainPlan(sparse=ctx.topk(scores, self.opts.density, self.opts.topk))

@@ -47,6 +47,7 @@ class RunRecord:
     result: dict
     config: dict | None = None
     grid: dict = field(default_factory=dict)
+    row: str = ""  # the sweep's method entry label without grid values (default: label)
 
     def metric(self, split: str = "test") -> float | None:
         """The major metric on a split (None unless the run is done)."""
@@ -201,7 +202,7 @@ def load_results(root: str | Path) -> Results:
         runs.append(RunRecord(
             run_id=result["run_id"], dir=path.parent, task=result["task"], method=result["method"],
             label=label, seed=result.get("seed"), status=result["status"], result=result, config=config,
-            grid=(entry or {}).get("grid") or {},
+            grid=(entry or {}).get("grid") or {}, row=(entry or {}).get("row") or label,
         ))
     if ignored:
         warn(f"{root}: {ignored} result(s) not in their directory's sweep.json (an earlier sweep?) are ignored")

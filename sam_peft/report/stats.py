@@ -3,7 +3,9 @@
 Per task, one reference row (SAM by default) against every other row, over the runs of each
 cell: Welch's t-test (scipy.stats.ttest_ind, equal_var=False; needs 2+ runs on both sides) and
 the Mann-Whitney U test (scipy.stats.mannwhitneyu, two-sided). Then the median wall time and
-the median number of steps per run, for each method and task. Output is Markdown.
+the median number of training steps per run, for each method and task, and where each sparse
+row's chosen entries are (result.json's mask_share: the share of the chosen entries in each
+parameter group, mean over the row's runs). Output is Markdown.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from scipy.stats import mannwhitneyu, ttest_ind
 
 from sam_peft.errors import UserError
+from sam_peft.params import GROUPS
 from sam_peft.report.names import method_display, task_display
 from sam_peft.report.results import Results
 
@@ -121,8 +124,36 @@ def render_time_table(results: Results) -> str:
     return "\n".join(out) + "\n"
 
 
+def mask_shares(results: Results) -> dict[str, dict[str, float]]:
+    """label -> group -> mean share of the chosen entries, over the row's finished runs whose
+    selection is partial (methods that train whole tensors only, such as FullTuning, are left out)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in results.done():
+        groups = (r.result.get("mask_share") or {}).get("groups") or {}
+        if not groups or all(g.get("density") in (0.0, 1.0) for g in groups.values()):
+            continue
+        for name, g in groups.items():
+            out.setdefault(r.label, {}).setdefault(name, []).append(g["share_of_chosen"])
+    return {label: {g: float(np.mean(v)) for g, v in by.items()} for label, by in out.items()}
+
+
+def render_mask_shares(results: Results) -> str:
+    shares = mask_shares(results)
+    if not shares:
+        return ""
+    groups = [g for g in GROUPS if any(g in by for by in shares.values())]
+    out = ["## Where the chosen entries are: share per parameter group (mean over runs)", "",
+           "| Method | " + " | ".join(groups) + " |", "|:--|" + "--:|" * len(groups)]
+    for label in results.labels():
+        if label in shares:
+            out.append(f"| {label} | " + " | ".join(f"{100 * shares[label].get(g, 0.0):.1f}%" for g in groups) + " |")
+    return "\n".join(out) + "\n"
+
+
 def render_stats(results: Results, method: str = "sam", split: str = "test") -> str:
     if not results.done():
         raise UserError(f"{results.root}: no finished runs")
     reference = resolve_reference(results, method)
-    return render_comparisons(reference, compare(results, reference, split), split) + "\n" + render_time_table(results)
+    text = render_comparisons(reference, compare(results, reference, split), split) + "\n" + render_time_table(results)
+    shares = render_mask_shares(results)
+    return text + ("\n" + shares if shares else "")
