@@ -217,6 +217,11 @@ class SparseFineTuning(TrainerCallback):
         # also what a run resumed from a checkpoint (no scoring pass) gets.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             scores = self._scores(train_dataloader, device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Each process scored its own shard of the data: all of them take process 0's scores,
+            # so that every replica trains the same entries.
+            for score in scores.values():
+                torch.distributed.broadcast(score, src=0)
         self.optimizer.select(lib.top_k(scores, self.density, self.topk))
 
     def on_train_end(self, args, state, control, **kwargs):
