@@ -261,6 +261,40 @@ def encode(spec: TaskSpec, examples: list[Example], tokenizer, max_seq_len: int)
     return features
 
 
+# An encoded split in which fewer examples than this carry a single ordinary token (one that is
+# neither special nor unknown) was not read by its tokenizer: training on it learns nothing.
+MIN_TEXT_SHARE = 0.5
+
+
+def share_with_text(features: list[dict], tokenizer) -> float:
+    """The share of encoded examples holding at least one ordinary token (not special, not unknown)."""
+    if not features:
+        return 1.0
+    not_text = set(tokenizer.all_special_ids)
+    if tokenizer.unk_token_id is not None:
+        not_text.add(tokenizer.unk_token_id)
+
+    def has_text(ids) -> bool:
+        rows = ids if ids and isinstance(ids[0], list) else [ids]  # multiple choice: one row per choice
+        return any(token not in not_text for row in rows for token in row)
+
+    return sum(has_text(feature["input_ids"]) for feature in features) / len(features)
+
+
+def check_text(features: list[dict], tokenizer, model: str, what: str) -> None:
+    """UserError naming the model and tokenizer when the encoded `what` carries (almost) no text:
+    a tokenizer that turns every input into special or unknown tokens gives a run that trains
+    and reports numbers, all of them meaningless."""
+    share = share_with_text(features, tokenizer)
+    if share < MIN_TEXT_SHARE:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise UserError(
+            f"model '{model}': its tokenizer ({type(tokenizer).__name__} '{name}') reads {share:.0%} of the "
+            f"{what} examples as anything but special or unknown tokens (at least {MIN_TEXT_SHARE:.0%} needed); "
+            "broken or mismatched tokenizer files?"
+        )
+
+
 def _require_fast(tokenizer) -> None:
     # Word-to-token alignment for WSC needs offset mappings, which only the Rust-backed
     # ("fast") tokenizers provide; we require one everywhere so all tasks behave alike.

@@ -2,7 +2,9 @@
 
 The backbone is any Hugging Face encoder, by hub name or local path, or `tiny`: a small
 RoBERTa built from a config with random weights and a byte-level BPE tokenizer trained on the
-task's own texts, so everything runs offline. Heads follow jiant 2.2.0's: a
+task's own texts, so everything runs offline. Pretrained weights load in float32 from a local
+folder, the Hugging Face cache or the hub; a model that cannot be had is a one-line UserError
+before anything runs (check_model). Heads follow jiant 2.2.0's: a
 RoBERTa-style classification head on the pooled output for classification, regression and
 multiple choice (one score per choice), and self-attentive span pooling for WSC, with
 nn.Linear's default initialisation as jiant keeps it (`train.head_init`).
@@ -15,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,9 +32,12 @@ TINY_SEED = 0  # the "pretrained" weights are the same for every run seed, as a 
 
 
 def _quiet_transformers():
+    """transformers' warnings and its own progress bars ("Loading weights" in 5.x) off: a run's
+    output is sam-peft's, and a failure is reported by sam-peft in one line."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
@@ -54,24 +58,45 @@ def build_tiny(texts: list[str], max_seq_len: int = 256):
     return copy.deepcopy(encoder), copy.deepcopy(tokenizer)
 
 
-def _build_tiny(texts: list[str], max_seq_len: int):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+TINY_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's, at its ids 0..4
 
-    _quiet_transformers()
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        sorted(set(texts)),  # sorted: the trainer's result must not depend on record order
-        vocab_size=TINY_VOCAB,
+
+def tiny_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB):
+    """A RoBERTa-style byte-level BPE tokenizer trained on `texts`.
+
+    Built as a `tokenizers` pipeline and handed over whole (`tokenizer_object=`): transformers 5
+    ignores the `vocab_file=`/`merges_file=` arguments that 4.x took, and would build a tokenizer
+    with an empty vocabulary from them. The pipeline is the one transformers 4.x made from those
+    files (byte-level pre-tokenizer without a prefix space, RoBERTa's post-processor with trimmed
+    offsets), so the `tiny` model is the same in 4.x and 5.x.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import RobertaTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
         min_frequency=1,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        bpe.save_model(tmp)
-        tokenizer = RobertaTokenizerFast(
-            vocab_file=os.path.join(tmp, "vocab.json"), merges_file=os.path.join(tmp, "merges.txt")
-        )
+    backend.train_from_iterator(sorted(set(texts)), trainer)  # sorted: independent of record order
+    # Positional (sep, cls): tokenizers 0.23 renamed the `cls` keyword.
+    backend.post_processor = processors.RobertaProcessing(
+        ("</s>", backend.token_to_id("</s>")), ("<s>", backend.token_to_id("<s>")),
+        trim_offsets=True, add_prefix_space=False,
+    )
+    return RobertaTokenizerFast(tokenizer_object=backend)
+
+
+def _build_tiny(texts: list[str], max_seq_len: int):
+    from transformers import RobertaConfig, RobertaModel
+
+    _quiet_transformers()
+    tokenizer = tiny_tokenizer(texts)
     config = RobertaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=max(max_seq_len, 256) + 2,  # RoBERTa offsets positions by pad id + 1
@@ -88,24 +113,149 @@ def _build_tiny(texts: list[str], max_seq_len: int):
     return encoder, tokenizer
 
 
-def load_pretrained(name: str):
-    """Encoder and fast tokenizer from the hub or a local folder."""
+# ----------------------------------------------------------------------------- pretrained models
+
+# Hub requests made to decide where a model comes from wait this long at most.
+HUB_TIMEOUT_S = 10
+
+
+def _looks_like_path(name: str) -> bool:
+    """`./x`, `/x`, `~/x`, `a/b/c`, or `models/x` where `models/` is a folder here: a local path,
+    never a hub id (hub ids are `name` or `owner/name`)."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/")[0]).expanduser().is_dir()
+
+
+def _local_model_dir(name: str) -> Path | None:
+    """The local folder `name` names, checked; None when `name` is a hub id. UserError when it
+    names a local path that is missing or is not a saved model."""
+    local = Path(name).expanduser()
+    if not local.exists():
+        if _looks_like_path(name):
+            raise UserError(f"model '{name}': no such local folder ({local.absolute()})")
+        return None
+    if not local.is_dir():
+        raise UserError(f"model '{name}': {local} is a file; expected a model folder (save_pretrained's output)")
+    config = local / "config.json"
+    if not config.is_file():
+        what = "is empty" if not any(local.iterdir()) else "has no config.json"
+        raise UserError(f"model '{name}': the folder {local} {what}; expected a saved Hugging Face model "
+                        "(config.json, weights, tokenizer files)")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"model '{name}': {config} is not valid JSON ({e})") from None
+    return local
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or transformers' TRANSFORMERS_OFFLINE), as the Hugging Face libraries read it."""
+    from huggingface_hub import constants
+
+    set_now = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or set_now
+
+
+def _require_hub(name: str) -> None:
+    """Return if the hub can serve `name`; otherwise a one-line UserError, without waiting on
+    transformers' retries (a sweep would wait on them once per run)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+
+    where = f"model '{name}': not a local folder and not in the Hugging Face cache"
+    if _hub_offline():
+        raise UserError(f"{where}, and the hub is off (HF_HUB_OFFLINE is set)")
+    try:
+        huggingface_hub.model_info(name, timeout=HUB_TIMEOUT_S)
+    except HFValidationError:
+        raise UserError(f"model '{name}': neither a local folder nor a valid hub id") from None
+    except GatedRepoError:
+        return  # it exists; the download says whether this user may read it
+    except RepositoryNotFoundError:
+        raise UserError(f"{where}, and the hub ({constants.ENDPOINT}) has no such model "
+                        "(or it is private: log in with `hf auth login`)") from None
+    except HfHubHTTPError as e:
+        raise UserError(f"{where}, and the hub ({constants.ENDPOINT}) answered: {_first_line(e)}") from None
+    except Exception as e:  # connection refused, DNS failure, timeout, proxy error: no hub
+        raise UserError(f"{where}, and the hub ({constants.ENDPOINT}) is unreachable ({_short_reason(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _short_reason(e: BaseException) -> str:
+    """The exception's type, and its message when that is short (requests nests whole reprs)."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {line}" if line and len(line) <= 100 else type(e).__name__
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id: not in the cache
+        return False
+
+
+def check_model(name: str) -> None:
+    """What a run's `model` needs before anything starts: `tiny`, a saved model folder, a model in
+    the Hugging Face cache, or a hub id with the hub reachable. One-line UserError otherwise;
+    downloads nothing and loads no weights."""
+    if name == "tiny" or _local_model_dir(name) is not None or _in_hub_cache(name):
+        return
+    _require_hub(name)
+
+
+def _from_pretrained(name: str, source: str, local_files_only: bool):
     from transformers import AutoModel, AutoTokenizer
 
-    _quiet_transformers()
-    local = Path(name).expanduser()
-    if not local.exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
-        raise UserError(f"model '{name}': no such local folder (and not a hub name)")
-    kwargs = {"local_files_only": True} if local.exists() else {}
-    src = str(local) if local.exists() else name
+    where = f"model '{name}'"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src, use_fast=True, **kwargs)
-        encoder = AutoModel.from_pretrained(src, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model '{name}': cannot load it ({reason[:200]})") from None
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, local_files_only=local_files_only)
+    except Exception as e:  # each version fails its own way on missing or broken tokenizer files
+        raise UserError(f"{where}: cannot load its tokenizer ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        # float32 whatever the checkpoint holds: transformers 5 keeps a checkpoint's own dtype
+        # (a bf16 copy would meet fp32 heads), and train.precision decides autocast.
+        # (`dtype=`: transformers >= 4.56 takes it; `torch_dtype=` is its deprecated name.)
+        encoder = AutoModel.from_pretrained(source, local_files_only=local_files_only, dtype=torch.float32)
+    except Exception as e:  # missing, truncated or foreign weights, an unknown model_type, ...
+        raise UserError(f"{where}: cannot load its weights ({type(e).__name__}: {_first_line(e)})") from None
+    return encoder, tokenizer
+
+
+def load_pretrained(name: str):
+    """Encoder (float32) and fast tokenizer from a local folder, the Hugging Face cache, or the hub.
+
+    A hub id is looked up in the cache first, and the hub is asked only when it is not there,
+    so a cached model loads without network; everything that can go wrong is a one-line
+    UserError naming the model.
+    """
+    _quiet_transformers()
+    local = _local_model_dir(name)
+    loaded = None
+    if local is not None:
+        loaded = _from_pretrained(name, str(local), local_files_only=True)
+    elif _in_hub_cache(name):
+        try:
+            loaded = _from_pretrained(name, name, local_files_only=True)
+        except UserError:  # only partly in the cache: the hub has the rest
+            pass
+    if loaded is None:
+        _require_hub(name)
+        loaded = _from_pretrained(name, name, local_files_only=False)
+    encoder, tokenizer = loaded
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"model '{name}': needs a fast tokenizer (tokenizers-backed) for span alignment")
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
+        raise UserError(f"model '{name}': its tokenizer has no vocabulary besides special tokens "
+                        "(tokenizer files missing from the model folder?)")
     return encoder, tokenizer
 
 

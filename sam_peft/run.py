@@ -26,7 +26,7 @@ import sam_peft
 from sam_peft import checkpoint as ckpt_lib
 from sam_peft import delta as delta_lib
 from sam_peft.config import RunConfig, config_dict, config_hash
-from sam_peft.data import Example, encode, load_splits, resolve_data_dir
+from sam_peft.data import Example, check_text, encode, load_splits, resolve_data_dir
 from sam_peft.engine import CheckpointMismatch, TaskData, Trainer, eligible_names, head_names
 from sam_peft.errors import UserError
 from sam_peft.io import append_jsonl, atomic_torch_save, unwritable_folder_reason
@@ -165,6 +165,9 @@ def build(cfg: RunConfig, splits=("train", "val", "test")) -> Built:
     encoder, tokenizer = load_backbone(cfg.model, texts, cfg.train.max_seq_len)
     check_max_seq_len(cfg, encoder)
     features = {s: encode(spec, examples[s], tokenizer, cfg.train.max_seq_len) for s in splits}
+    # Before anything trains: the tokenizer must read the text (the split trained on, else the one evaluated).
+    checked = "train" if "train" in features else splits[0]
+    check_text(features[checked], tokenizer, cfg.model, f"{spec.name} {checked}")
     seed_everything(cfg.seed)
     model = TaskModel(encoder, spec, cfg.train.dropout, cfg.train.head_init)
     eligible = eligible_names(model, cfg.method.get("embeddings", True), cfg.method.get("layernorm", True))

@@ -484,6 +484,22 @@ def check_data(runs: list[PlannedRun]) -> None:
         load_splits(resolve_data_dir(data_dir), task)
 
 
+def check_models(runs: list[PlannedRun]) -> None:
+    """Check every distinct model of the runs once, before the first run: a model that is not a
+    saved folder, not in the Hugging Face cache and not reachable on the hub would fail each of
+    its runs in turn. One line naming every such model."""
+    from sam_peft.model import check_model
+
+    problems = []
+    for model in dict.fromkeys(r.cfg.model for r in runs):
+        try:
+            check_model(model)
+        except UserError as e:
+            problems.append(str(e))
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 # ---------------------------------------------------------------- execution
 
 def write_plan(sweep: Sweep) -> None:
@@ -510,6 +526,7 @@ def run_sweep(sweep: Sweep, progress: bool = True, executor: Callable | None = N
     from sam_peft.executors import execute_local
 
     check_data(sweep.runs)
+    check_models(sweep.runs)
     status = {r.run_id: r.status() for r in sweep.runs}  # every result.json checked before writing
     make_folder(sweep.output_dir)
     write_plan(sweep)

@@ -50,9 +50,10 @@ def bpe_tokenizer():
                 show_progress=False,
             )
             backend.train_from_iterator(list(key[0]), trainer)
+            # (sep, cls) positionally: tokenizers 0.23 renamed the `cls` keyword.
             backend.post_processor = processors.RobertaProcessing(
-                sep=("</s>", backend.token_to_id("</s>")),
-                cls=("<s>", backend.token_to_id("<s>")),
+                ("</s>", backend.token_to_id("</s>")),
+                ("<s>", backend.token_to_id("<s>")),
                 add_prefix_space=False,
                 trim_offsets=trim_offsets,
             )
@@ -65,14 +66,14 @@ def bpe_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def wordpiece_tokenizer(tmp_path_factory):
+def wordpiece_tokenizer():
     """make(corpus=None, vocab_size=300) -> BertTokenizerFast (lower-casing WordPiece).
 
     [CLS] A [SEP] B [SEP] with token_type_ids. The vocabulary is trained on the corpus
     and then given every character of it (plain and "##"-continued, plus printable
     ASCII), so no word of the corpus turns into [UNK].
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
 
     cache = {}
@@ -80,31 +81,40 @@ def wordpiece_tokenizer(tmp_path_factory):
     def make(corpus=None, vocab_size: int = 300):
         key = (_corpus_key(corpus), vocab_size)
         if key not in cache:
-            backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-            backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-            backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+            trained.normalizer = normalizers.BertNormalizer(lowercase=True)
+            trained.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
             trainer = trainers.WordPieceTrainer(
                 vocab_size=vocab_size,
                 special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
                 show_progress=False,
             )
-            backend.train_from_iterator(list(key[0]), trainer)
-            vocab = sorted(backend.get_vocab().items(), key=lambda item: item[1])
+            trained.train_from_iterator(list(key[0]), trainer)
+            vocab = sorted(trained.get_vocab().items(), key=lambda item: item[1])
             tokens = [token for token, _ in vocab]
             chars = set(string.printable.lower()) - set(string.whitespace)
             for text in key[0]:
-                chars |= set(backend.normalizer.normalize_str(text)) - set(string.whitespace)
+                chars |= set(trained.normalizer.normalize_str(text)) - set(string.whitespace)
             known = set(tokens)
             for char in sorted(chars):
                 for piece in (char, "##" + char):
                     if piece not in known and not char.isspace():
                         tokens.append(piece)
                         known.add(piece)
-            folder = tmp_path_factory.mktemp("wordpiece")
-            vocab_file = folder / "vocab.txt"
-            vocab_file.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+            # BERT's pipeline on the extended vocabulary, handed over whole: transformers 5
+            # ignores BertTokenizerFast(vocab_file=...).
+            ids = {token: i for i, token in enumerate(tokens)}
+            backend = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
+            backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+            backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            backend.decoder = decoders.WordPiece(prefix="##")
+            backend.post_processor = processors.TemplateProcessing(
+                single="[CLS]:0 $A:0 [SEP]:0",
+                pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+                special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
+            )
             cache[key] = BertTokenizerFast(
-                vocab_file=str(vocab_file), do_lower_case=True, name_or_path="tiny-wordpiece"
+                tokenizer_object=backend, do_lower_case=True, name_or_path="tiny-wordpiece"
             )
         return cache[key]
 

@@ -176,11 +176,14 @@ def test_wsc_spans_on_every_paper_record(bpe_tokenizer, wordpiece_tokenizer):
 
 
 def test_slow_tokenizer_is_refused(tmp_path):
-    from transformers import BertTokenizer
+    import transformers
 
+    # BERT's Python ("slow") tokenizer: BertTokenizer in transformers 4, BertTokenizerLegacy in 5.
+    slow_class = getattr(transformers, "BertTokenizerLegacy", transformers.BertTokenizer)
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat"]) + "\n")
-    slow = BertTokenizer(str(vocab), name_or_path="my-org/slow-model")
+    slow = slow_class(str(vocab), name_or_path="my-org/slow-model")
+    assert not slow.is_fast
     examples = [Example("train-0", {"text": "the cat"}, 0)]
     with pytest.raises(UserError, match=r"^model 'my-org/slow-model': needs a fast tokenizer"):
         encode(get_task("cola"), examples, slow, max_seq_len=16)

@@ -73,7 +73,8 @@ def test_non_zero_init_changes_the_outputs(family, method):
 
 
 @pytest.mark.parametrize("family", ["roberta", "bert"])
-@pytest.mark.parametrize("method", [{"name": "adapter"}, {"name": "lora"}], ids=lambda m: m["name"])
+@pytest.mark.parametrize("method", [{"name": "adapter"}, {"name": "lora"}],
+                         ids=lambda m: m["name"])
 def test_wrap_keeps_every_pretrained_parameter_by_name_and_value(family, method):
     base, model = wrapped(family, method)
     before, after = dict(base.named_parameters()), dict(model.named_parameters())

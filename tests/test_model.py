@@ -17,6 +17,16 @@ def test_tiny_model_is_deterministic_and_offline():
     assert ids[0] == t1.bos_token_id and ids[-1] == t1.eos_token_id
 
 
+def test_tiny_tokenizer_reads_the_text():
+    # transformers 5 ignores RobertaTokenizerFast(vocab_file=, merges_file=): built that way, the
+    # tokenizer had an empty vocabulary and read every text as special tokens.
+    _, tok = build_tiny(TEXTS)
+    ids = tok(TEXTS[0], add_special_tokens=False)["input_ids"]
+    assert ids and not set(ids) & set(tok.all_special_ids)
+    assert tok.decode(ids) == TEXTS[0]
+    assert len(tok) > 256  # the byte alphabet plus merges learnt from the texts
+
+
 def test_tiny_model_does_not_disturb_global_rng():
     torch.manual_seed(123)
     a = torch.rand(3)
