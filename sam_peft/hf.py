@@ -98,12 +98,8 @@ class SparseAdamWOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         if self.sparse_trainer is not None:
-            st = self.sparse_trainer
-            state["sam_peft"] = {
-                "mask": {n: i.cpu() for n, i in self.mask.items()},
-                "sparse": st.sparse.state_dict() if st.sparse else None,
-                "dense": st.dense.state_dict() if st.dense else None,
-            }
+            state["sam_peft"] = {"mask": {n: i.cpu() for n, i in self.mask.items()},
+                                 "optimizer": self.sparse_trainer.state_dict()}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -115,10 +111,7 @@ class SparseAdamWOptimizer(torch.optim.Optimizer):
         # A checkpoint of a run past its selection (Trainer's resume_from_checkpoint): keep its entries.
         device = next(iter(self.param_groups[0]["params"])).device
         self.select({n: i.to(device) for n, i in ours["mask"].items()})
-        if ours["sparse"] is not None:
-            self.sparse_trainer.sparse.load_state_dict(ours["sparse"])
-        if ours["dense"] is not None:
-            self.sparse_trainer.dense.load_state_dict(ours["dense"])
+        self.sparse_trainer.load_state_dict(ours["optimizer"])
 
 
 class SparseFineTuning(TrainerCallback):

@@ -27,8 +27,13 @@ import torch
 from torch import nn
 
 from sam_peft import delta as _delta
-from sam_peft.optim import SparseAdamW, clip_
+from sam_peft.optim import PlanOptimizer
+from sam_peft.params import no_decay_names
+from sam_peft.scoring import GradientStats
 from sam_peft.selection import budget, topk_entries
+
+# lib's score names -> the gradient statistic each one is made from (scoring.GradientStats)
+_SCORE_STATS = {"squared_sum": "sum", "fisher": "sum_sq", "abs_sum": "sum_abs"}
 
 __all__ = ["snapshot", "sam_scores", "magnitude_scores", "random_scores", "top_k", "SparseTrainer",
            "save_delta", "apply_delta", "count_changed"]
@@ -56,27 +61,18 @@ def sam_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, params: l
     loss_fn(model, batch) -> scalar loss. score: "squared_sum" = (sum of gradients)^2 (the paper),
     "fisher" = sum of squared gradients, "abs_sum" = sum of |gradients|.
     """
-    named = _named(model, params)
-    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named.items()}
+    if score not in _SCORE_STATS:
+        raise ValueError(f"unknown score {score!r}: {', '.join(_SCORE_STATS)}")
+    stats = GradientStats(_named(model, params), stats=(_SCORE_STATS[score],))
     was_training = model.training
     model.train()
     for batch in batches:
         model.zero_grad(set_to_none=True)
         loss_fn(model, batch).backward()
-        for n, p in named.items():
-            if p.grad is None:
-                continue
-            g = p.grad.float()
-            if score == "squared_sum":
-                acc[n].add_(g)
-            elif score == "fisher":
-                acc[n].addcmul_(g, g)
-            elif score == "abs_sum":
-                acc[n].add_(g.abs())
-            else:
-                raise ValueError(f"unknown score {score!r}: squared_sum, fisher or abs_sum")
+        stats.add()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
+    acc = stats.sums[_SCORE_STATS[score]]
     return {n: a.square() for n, a in acc.items()} if score == "squared_sum" else acc
 
 
@@ -106,49 +102,43 @@ class SparseTrainer:
     Everything else is frozen (requires_grad False, so no weight gradients are computed); the
     chosen entries' optimizer state is O(k); entries outside the mask are never written, so they
     stay bit-identical to their values at construction. Call step() after loss.backward().
+
+    The update is the CLI's (optim.PlanOptimizer): the trained entries and dense tensors are
+    clipped by their joint norm, and weight decay skips biases and LayerNorm-like parameters
+    (params.no_decay_names; pass `no_decay(name) -> bool` for another rule).
     """
 
     def __init__(self, model: nn.Module, mask: dict[str, torch.Tensor], lr: float = 1e-4,
                  dense: list[str] = (), weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8,
                  max_grad_norm: float = 1.0, no_decay: Callable[[str], bool] | None = None):
         named = dict(model.named_parameters())
-        no_decay = no_decay or (lambda n: n.endswith("bias") or "norm" in n.lower())
+        unknown = [n for n in [*mask, *dense] if n not in named]
+        if unknown:
+            raise KeyError(f"no parameter named {unknown[0]!r} in the model")
+        dense = list(dense)
         for n, p in named.items():
             p.requires_grad_(n in dense or (n in mask and mask[n].numel() > 0))
-        entries = [(named[n], idx, 0.0 if no_decay(n) else weight_decay) for n, idx in mask.items() if idx.numel()]
-        self.sparse = SparseAdamW(entries, lr, betas, eps) if entries else None
-        self.dense_params = [named[n] for n in dense]
-        groups = [g for g in ({"params": [named[n] for n in dense if not no_decay(n)], "weight_decay": weight_decay},
-                              {"params": [named[n] for n in dense if no_decay(n)], "weight_decay": 0.0}) if g["params"]]
-        self.dense = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps) if groups else None
-        self.max_grad_norm = max_grad_norm
+        skip = no_decay_names(model) if no_decay is None else {n for n in named if no_decay(n)}
+        device = next(iter(named.values())).device.type if named else "cpu"
+        self.optimizer = PlanOptimizer(named, dense, mask, groups=(), no_decay=skip, lr=lr, betas=betas, eps=eps,
+                                       weight_decay=weight_decay, max_grad_norm=max_grad_norm, device_type=device)
+        self.lr = lr
         self.model = model
 
-    @property
-    def lr(self) -> float:
-        return self.sparse.lr if self.sparse else self.dense.param_groups[0]["lr"]
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        if self.sparse:
-            self.sparse.lr = value
-        if self.dense:
-            for g in self.dense.param_groups:
-                g["lr"] = value
-
     def step(self) -> None:
-        g = self.sparse.gather_grads() if self.sparse else None
-        clip_(self.dense_params, g, self.max_grad_norm)
-        if self.dense:
-            self.dense.step()
-        if self.sparse:
-            self.sparse.step(g)
+        self.optimizer.step(self.lr)
         self.model.zero_grad(set_to_none=True)
 
     def state_bytes(self) -> int:
-        from sam_peft.optim import adamw_state_bytes
+        return self.optimizer.state_bytes()
 
-        return (self.sparse.state_bytes() if self.sparse else 0) + adamw_state_bytes(self.dense)
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, **self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.lr = state.pop("lr", self.lr)
+        self.optimizer.load_state_dict(state)
 
 
 def count_changed(model: nn.Module, theta0: dict[str, torch.Tensor]) -> int:

@@ -17,6 +17,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -311,23 +313,82 @@ class SpanComparisonHead(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
+# ----------------------------------------------------------------------------- kinds
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """The model's side of a task kind (tasks.KINDS); data.KIND_IO is the data's side.
+
+    head(hidden, n_labels, dropout) -> the head module; logits(model, batch) -> the head's output
+    for a batch; loss(logits, labels) and predict(logits) -> what the metrics read.
+    """
+
+    head: Callable[[int, int, float], nn.Module]
+    logits: Callable[["TaskModel", dict], torch.Tensor]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    predict: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _pooled_logits(model: "TaskModel", batch: dict) -> torch.Tensor:
+    _, pooled = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    return model.head(pooled)
+
+
+def _choice_logits(model: "TaskModel", batch: dict) -> torch.Tensor:
+    # [B, C, L]: every (premise, choice) pair through the encoder, one score each, softmax over C.
+    ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+    B, C, L = ids.shape
+    flat = lambda t: None if t is None else t.reshape(B * C, L)  # noqa: E731
+    _, pooled = model.encode(flat(ids), flat(mask), flat(types))
+    return model.head(pooled).view(B, C)
+
+
+def _span_logits(model: "TaskModel", batch: dict) -> torch.Tensor:
+    states, _ = model.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    return model.head(states, batch["spans"])
+
+
+def _cross_entropy(logits, labels):
+    return nn.functional.cross_entropy(logits.float(), labels)
+
+
+def _argmax(logits):
+    return logits.argmax(-1)
+
+
+HEAD_KINDS: dict[str, HeadKind] = {
+    "classification": HeadKind(
+        head=lambda hidden, n_labels, dropout: ClassificationHead(hidden, n_labels, dropout),
+        logits=_pooled_logits, loss=_cross_entropy, predict=_argmax),
+    "regression": HeadKind(
+        head=lambda hidden, n_labels, dropout: ClassificationHead(hidden, 1, dropout),
+        logits=lambda model, batch: _pooled_logits(model, batch).squeeze(-1),
+        loss=lambda logits, labels: nn.functional.mse_loss(logits.float(), labels.float()),
+        predict=lambda logits: logits.float()),
+    "multiple_choice": HeadKind(  # one score per choice
+        head=lambda hidden, n_labels, dropout: ClassificationHead(hidden, 1, dropout),
+        logits=_choice_logits, loss=_cross_entropy, predict=_argmax),
+    "span_comparison": HeadKind(  # two spans pooled, then compared
+        head=lambda hidden, n_labels, dropout: SpanComparisonHead(hidden, 2, n_labels, dropout),
+        logits=_span_logits, loss=_cross_entropy, predict=_argmax),
+}
+
+
 class TaskModel(nn.Module):
-    """`encoder` (the backbone, whose parameters are the eligible ones) + `head`."""
+    """`encoder` (the backbone, whose parameters are the eligible ones) + `head`, for the task's
+    kind (HEAD_KINDS)."""
 
     def __init__(self, encoder: nn.Module, spec: TaskSpec, dropout: float | None = None,
                  head_init: str = "torch_default"):
         super().__init__()
         self.encoder = encoder
         self.kind = spec.kind
+        self.head_kind = HEAD_KINDS[spec.kind]
         cfg = encoder.config
-        hidden = cfg.hidden_size
         if dropout is None:
             dropout = getattr(cfg, "hidden_dropout_prob", getattr(cfg, "dropout", 0.1))
-        if spec.kind == "span_comparison":
-            self.head = SpanComparisonHead(hidden, 2, len(spec.labels), dropout)
-        else:
-            n_out = len(spec.labels) if spec.kind == "classification" else 1
-            self.head = ClassificationHead(hidden, n_out, dropout)
+        self.head = self.head_kind.head(cfg.hidden_size, len(spec.labels or ()), dropout)
         # torch_default: nn.Linear's own initialisation, which jiant's heads keep; hf_normal: HF's.
         if head_init == "hf_normal":
             self._init_head(getattr(cfg, "initializer_range", 0.02))
@@ -353,23 +414,11 @@ class TaskModel(nn.Module):
         return out.last_hidden_state, pooled
 
     def forward(self, batch: dict) -> torch.Tensor:
-        ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-        if self.kind == "multiple_choice":
-            B, C, L = ids.shape
-            flat = lambda t: None if t is None else t.reshape(B * C, L)  # noqa: E731
-            _, pooled = self.encode(flat(ids), flat(mask), flat(types))
-            return self.head(pooled).view(B, C)
-        states, pooled = self.encode(ids, mask, types)
-        if self.kind == "span_comparison":
-            return self.head(states, batch["spans"])
-        logits = self.head(pooled)
-        return logits.squeeze(-1) if self.kind == "regression" else logits
+        return self.head_kind.logits(self, batch)
 
     def loss(self, logits, labels):
-        if self.kind == "regression":
-            return nn.functional.mse_loss(logits.float(), labels.float())
-        return nn.functional.cross_entropy(logits.float(), labels)
+        return self.head_kind.loss(logits, labels)
 
     @staticmethod
     def predictions(kind: str, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float() if kind == "regression" else logits.argmax(-1)
+        return HEAD_KINDS[kind].predict(logits)

@@ -341,3 +341,26 @@ def test_every_task_kind_has_its_reading_and_encoding():
     from sam_peft.tasks import KINDS, TASKS
 
     assert set(KIND_IO) == set(KINDS) and {spec.kind for spec in TASKS.values()} <= set(KINDS)
+
+
+def test_every_task_kind_has_its_head_loss_and_predictions():
+    from sam_peft.model import HEAD_KINDS, TaskModel, build_tiny
+    from sam_peft.tasks import KINDS, TASKS
+
+    assert set(HEAD_KINDS) == set(KINDS)
+    # One task of each kind through the real head: the loss is a finite scalar, the
+    # predictions have one entry per example.
+    encoder, tokenizer = build_tiny(["a small corpus of words for the tokenizer"] * 4, 32)
+    for kind in KINDS:
+        spec = next(s for s in TASKS.values() if s.kind == kind)
+        model = TaskModel(encoder, spec, dropout=0.0)
+        B, L = 3, 8
+        ids = torch.randint(5, 20, (B, 2, L) if kind == "multiple_choice" else (B, L))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if kind == "span_comparison":
+            batch["spans"] = torch.tensor([[[1, 2], [4, 5]]] * B)
+        labels = torch.tensor([0.5, 1.0, 2.0]) if kind == "regression" else torch.tensor([0, 1, 0])
+        logits = model(batch)
+        loss = model.loss(logits, labels)
+        assert loss.dim() == 0 and torch.isfinite(loss), kind
+        assert TaskModel.predictions(kind, logits).shape == (B,), kind

@@ -94,7 +94,7 @@ def test_sam_in_trainer_counts_masked_entries_head_and_delta(tmp_path):
     assert sparse.n_selected == math.floor(0.01 * m) > 0  # exactly floor(p*m)
     # Trainer's schedule drove exactly max_steps updates: the scoring pass took none of them.
     assert trainer.state.global_step == 6
-    assert sparse.optimizer.sparse_trainer.sparse.t == 6
+    assert sparse.optimizer.sparse_trainer.optimizer.sparse.t == 6
     assert 0 < sparse.count_changed() <= sparse.n_selected
     assert_outside_mask_untouched(model, sparse.theta0, sparse.mask)  # weight decay 0.1 leaked nowhere
     for name in ("classifier.weight", "classifier.bias"):
