@@ -56,7 +56,10 @@ class TrainConfig(Strict):
     val_subset: int | None = Field(None, ge=1)
     # None: train metrics on the whole train split; N: on its first N examples (a cheaper check of fit).
     train_eval_subset: int | None = Field(None, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    # auto: bf16 on a GPU that has it; fp32 on every CPU, also one with native bf16 (AVX512-BF16 or
+    # AMX), where bf16 has not been shown to leave accuracy unchanged (README, "Precision on a CPU").
+    # bf16 on a CPU is used as asked (emulated, and much slower, without those instructions).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # false (default): a fresh seeded shuffle every epoch, as jiant's shuffled train set. true:
     # length-grouped batches, faster (less padding) but many pairs of examples share a batch again
     # from one epoch to the next, which removes part of the seed-to-seed variance.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,25 @@ CHECKPOINT_FORMAT = ckpt_lib.FORMAT
 CheckpointMismatch = ckpt_lib.CheckpointMismatch
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bf16 in hardware: the `avx512_bf16` or `amx_bf16` flag of Linux's
+    /proc/cpuinfo (`cpuinfo`: that file's text, for tests). False elsewhere, or when the file
+    cannot be read. Without these instructions torch's CPU bf16 kernels convert to fp32 and back,
+    and a bf16 step is slower than an fp32 one (docs/benchmarks.md)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
 def learning_rate(step: int, base: float, max_steps: int, warmup_steps: int) -> float:
     """Linear warmup then linear decay to 0 at max_steps (HF's linear schedule, as jiant).
 
@@ -47,10 +67,21 @@ def learning_rate(step: int, base: float, max_steps: int, warmup_steps: int) -> 
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.precision` on a device (None: plain fp32)."""
+    """The autocast dtype for `train.precision` on a device (None: plain fp32).
+
+    auto: bf16 on a GPU that supports it, fp32 on every CPU. A CPU with native bf16 (AVX512-BF16
+    or AMX, `cpu_has_native_bf16`) may run faster in bf16, but that bf16 leaves accuracy unchanged
+    has not been measured on one, so auto does not choose it. If it ever does, the run id must
+    change with it (config_hash), or fp32 results of `auto` runs would be taken for bf16 ones.
+    bf16 on a CPU is taken as asked, with a warning where the CPU only emulates it.
+    """
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "bf16" and device.type == "cpu":
+        if not cpu_has_native_bf16():
+            warnings.warn("train.precision bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there, "
+                          "and a training step is several times slower than in fp32 (docs/benchmarks.md)",
+                          stacklevel=2)
         return torch.bfloat16
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16

@@ -9,12 +9,15 @@ depend on the weights. Batches are synthetic token sequences whose lengths follo
 seeded distribution resembling GLUE/SuperGLUE pairs (median ~60 tokens, long tail to 256).
 
 For every method the same training step is timed twice:
-- sam-peft's engine: bf16 autocast on a GPU that has it (fp32 on CPU), dynamic padding of
+- sam-peft's engine: bf16 autocast on a GPU that has it (fp32 on CPU: `precision: auto`), dynamic padding of
   length-grouped batches, fused AdamW on GPU, whole frozen tensors without weight gradients,
   optimizer state for the chosen entries only;
 - the naive baseline (the authors' setup): fp32, every batch padded to 256 tokens, every
   parameter requiring gradients and a dense AdamW over all of them, the method's mask applied
   by zeroing gradients (frozen tensors included).
+On a CPU the engine's step is also timed in bf16 autocast (`train.precision: bf16`; --no-bf16
+leaves it out), to show what bf16 would buy there: `bf16` per method, `bf16_vs_fp32_step` ratios,
+and `cpu_native_bf16` (AVX512-BF16 or AMX present; without them torch emulates bf16).
 It writes JSON (per method: step_s, tokens_per_s, peak_mem_bytes, optimizer_state_bytes, and
 the same for the naive mode; the ratios the performance targets are stated in; SAM's top-k
 selection time; on CUDA the MFU against the measured bf16 matmul rate and the projected
@@ -45,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from sam_peft import delta as delta_lib  # noqa: E402
 from sam_peft.config import build_config  # noqa: E402
 from sam_peft.data import LengthGroupedSampler, collate  # noqa: E402
-from sam_peft.engine import SelectContext, TaskData, Trainer, eligible_names, to_device  # noqa: E402
+from sam_peft.engine import SelectContext, TaskData, Trainer, cpu_has_native_bf16, eligible_names, to_device  # noqa: E402,E501
 from sam_peft.methods import build_method, list_methods  # noqa: E402
 from sam_peft.model import TaskModel  # noqa: E402
 from sam_peft.selection import budget, topk_entries  # noqa: E402
@@ -55,6 +58,9 @@ SHAPES = {
     # RoBERTa-base: 12 layers, 768 wide, 50,265-token vocabulary (125M parameters).
     "roberta-base": dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                          intermediate_size=3072, max_position_embeddings=514),
+    # all-MiniLM-L6-v2's shape (the stand-in and parity studies' encoder): 6 layers, 384 wide.
+    "minilm": dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                   intermediate_size=1536, max_position_embeddings=514),
     # A quick CPU mode: same structure, small enough to finish in well under a minute.
     "small": dict(vocab_size=8000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=512, max_position_embeddings=514),
@@ -161,10 +167,11 @@ def peak_bytes(device, scope) -> int:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else scope.stop()
 
 
-def make_trainer(name: str, shape: str, device: torch.device, data: TaskData, steps: int, compile_: bool):
+def make_trainer(name: str, shape: str, device: torch.device, data: TaskData, steps: int, compile_: bool,
+                 precision: str = "auto"):
     cfg = build_config({"model": "tiny", "task": "rte", "method": {"name": name, **OPTIONS.get(name, {})},
                         "train": {"max_steps": 10**6, "eval_every": 10**6, "min_steps": 0, "batch_size": 16,
-                                  "compile": compile_, "log_every": 0}})
+                                  "compile": compile_, "log_every": 0, "precision": precision}})
     model = build_model(shape)
     method = build_method(cfg.method)
     eligible = eligible_names(model)
@@ -181,9 +188,9 @@ def fixed_batches(data: TaskData, n: int) -> list[list[int]]:
     return [s.next_batch() for _ in range(n)]
 
 
-def time_engine(name, shape, device, data, steps, warmup, compile_) -> dict:
+def time_engine(name, shape, device, data, steps, warmup, compile_, precision: str = "auto") -> dict:
     scope = memory_scope(device)
-    tr, base_names = make_trainer(name, shape, device, data, steps, compile_)
+    tr, base_names = make_trainer(name, shape, device, data, steps, compile_, precision)
     t0 = time.perf_counter()
     plan = tr.method.select(tr.model, SelectContext(tr))
     select_s = time.perf_counter() - t0
@@ -356,6 +363,7 @@ def main(argv=None) -> int:
                     help="methods to time in naive mode too (default: all; none with an empty list)")
     ap.add_argument("--runs-per-gpu", type=int, default=0, help="CUDA: also time K packed runs of sam and full")
     ap.add_argument("--compile", action="store_true", help="torch.compile the encoder (CUDA)")
+    ap.add_argument("--no-bf16", action="store_true", help="CPU: do not also time the engine in bf16 autocast")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -371,9 +379,18 @@ def main(argv=None) -> int:
            "threads": torch.get_num_threads(), "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda"
            else "CPU heap allocated (mallinfo2), from before the model was built", "torch": torch.__version__,
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "methods": {}, "naive": {}}
+    cpu_bf16 = device.type == "cpu" and not args.no_bf16
+    if device.type == "cpu":
+        out["cpu_native_bf16"] = cpu_has_native_bf16()
+        out["load_average_at_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if cpu_bf16:
+        out["bf16"] = {}
     for name in methods:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         out["methods"][name] = time_engine(name, args.shape, device, data, steps, args.warmup, args.compile)
+        if cpu_bf16:  # right after the fp32 timing of the same method: both see about the same machine load
+            r = time_engine(name, args.shape, device, data, steps, args.warmup, False, precision="bf16")
+            out["bf16"][name] = {k: r[k] for k in ("step_s", "tokens_per_s", "peak_mem_bytes")}
         if name in naive:
             out["naive"][name] = time_naive(name, args.shape, device, data, steps, args.warmup)
     M = out["methods"]
@@ -387,6 +404,8 @@ def main(argv=None) -> int:
         for n in ("bitfit", "adapter", "lora"):
             if n in M:
                 ratios[f"step_time_ratio_{n}_vs_full"] = M[n]["step_s"] / M["full"]["step_s"]
+    if cpu_bf16:
+        ratios["bf16_vs_fp32_step"] = {n: out["bf16"][n]["step_s"] / M[n]["step_s"] for n in out["bf16"]}
     if out["naive"]:
         ratios["step_time_ratio_vs_naive"] = {n: M[n]["step_s"] / out["naive"][n]["step_s"] for n in out["naive"]}
         ratios["throughput_ratio_vs_naive"] = {n: M[n]["tokens_per_s"] / out["naive"][n]["tokens_per_s"]
@@ -426,12 +445,16 @@ def main(argv=None) -> int:
 def print_table(out: dict) -> None:
     print(f"\n{out['shape']} on {out['device']} ({out['device_type']}), p = {out['density']}, {out['steps']} timed steps")
     print(f"{'method':11s} {'step s':>8s} {'tok/s':>9s} {'opt MB':>9s} {'peak MB':>9s} {'delta MB':>9s} "
-          f"{'naive s':>8s} {'naive tok/s':>11s}")
+          f"{'naive s':>8s} {'naive tok/s':>11s} {'bf16 s':>8s} {'bf16/fp32':>9s}")
     for n, r in out["methods"].items():
         nv = out["naive"].get(n, {})
+        bf = out.get("bf16", {}).get(n, {})
         print(f"{n:11s} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['optimizer_state_bytes'] / 1e6:9.2f} "
               f"{r['peak_mem_bytes'] / 1e6:9.0f} {r['delta_bytes'] / 1e6:9.3f} "
-              f"{nv.get('step_s', float('nan')):8.3f} {nv.get('tokens_per_s', float('nan')):11.0f}")
+              f"{nv.get('step_s', float('nan')):8.3f} {nv.get('tokens_per_s', float('nan')):11.0f} "
+              f"{bf.get('step_s', float('nan')):8.3f} {bf.get('step_s', float('nan')) / r['step_s']:9.2f}")
+    if "cpu_native_bf16" in out:
+        print(f"cpu_native_bf16 (AVX512-BF16 or AMX): {out['cpu_native_bf16']}")
     for k in ("step_time_ratio_sam_vs_full", "optimizer_state_ratio_sam_vs_full", "delta_bytes_ratio_sam_vs_full",
               "step_time_ratio_bitfit_vs_full", "step_time_ratio_adapter_vs_full", "step_time_ratio_lora_vs_full",
               "sam_select_s"):
