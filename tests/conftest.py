@@ -9,6 +9,7 @@ tokenizer that has seen that text. Results are cached per corpus for the session
 import string
 
 import pytest
+import torch
 
 BASE_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -119,3 +120,11 @@ def wordpiece_tokenizer():
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def keep_torch_threads():
+    """In-process runs set torch's thread count from the config; give the other tests theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -23,27 +23,20 @@ from sam_peft.executors import Outcome
 from sam_peft.io import append_jsonl, atomic_write_text
 from sam_peft.sweep import load_sweep, run_sweep
 
+import util
+from util import results_of
+
 TINY = {"model": "tiny", "data_dir": "demo", "threads": 1,
         "train": {"max_steps": 12, "eval_every": 4, "min_steps": 0, "patience": 100, "max_seq_len": 64,
                   "log_every": 2}}
 NO_SPACE = os.strerror(errno.ENOSPC)
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 def write_sweep(path: Path, output_dir: Path, **keys) -> Path:
-    tree = {**TINY, "output_dir": str(output_dir), "tasks": ["rte"], "seeds": 2, "methods": ["bitfit"], **keys}
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
-
-
-def results_of(root: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/result.json")}
+    return util.write_sweep(path, output_dir, TINY, **{"tasks": ["rte"], "seeds": 2, "methods": ["bitfit"], **keys})
 
 
 def temporaries(root: Path) -> list[Path]:

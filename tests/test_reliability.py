@@ -24,6 +24,9 @@ from sam_peft import cli, executors
 from sam_peft.config import build_config, run_id
 from sam_peft.sweep import load_sweep
 
+import util
+from util import results_of
+
 # Tiny runs that still checkpoint (every evaluation) and log often, so a kill can land anywhere.
 TINY = {"model": "tiny", "data_dir": "demo", "threads": 1,
         "train": {"max_steps": 24, "eval_every": 4, "min_steps": 0, "patience": 100, "max_seq_len": 64,
@@ -32,22 +35,11 @@ METHODS = ["bitfit", {"name": "sam", "density": 0.01, "burnin_steps": 2}]
 NAN_METHOD = {"name": "full", "label": "Full lr=1e6", "train": {"lr": 1.0e6, "grad_clip": 0}}
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """In-process runs set torch's thread count from the config; give the other tests theirs back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 def write_sweep(path: Path, output_dir: Path, **keys) -> Path:
-    tree = {**TINY, "output_dir": str(output_dir), "tasks": ["rte", "cb"], "seeds": 2, "methods": METHODS, **keys}
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
-
-
-def results_of(root: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/result.json")}
+    return util.write_sweep(path, output_dir, TINY, **{"tasks": ["rte", "cb"], "seeds": 2, "methods": METHODS, **keys})
 
 
 def check_files_whole(root: Path, finished: bool) -> None:

@@ -7,12 +7,13 @@ embedding, a dense layer with bias and a LayerNorm, so every parameter kind is p
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
+import yaml
 from torch import nn
 
 from sam_peft.config import build_config
@@ -31,6 +32,18 @@ def paper_splits_dir() -> Path:
 
 
 PAPER_SPLITS = paper_splits_dir()
+
+
+def write_sweep(path: Path, output_dir: Path, base: dict, **keys) -> Path:
+    """A sweep file: `base` (model, data, train keys...) with output_dir and `keys` on top."""
+    tree = {**base, "output_dir": str(output_dir), **keys}
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def results_of(root: Path) -> dict[str, dict]:
+    """Every run's result.json under a sweep's output folder, by run id."""
+    return {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/result.json")}
 
 
 class HandEncoder(nn.Module):
