@@ -436,7 +436,8 @@ def _local(address, workers, runs_per_gpu, retry_failed):
     if workers:
         threads = max(1, (os.cpu_count() or 1) // workers)
         return (partial(execute_processes, workers=workers, devices=None, retry_failed=retry_failed),
-                f"local: {workers} worker processes on the CPU, {threads} thread(s) each")
+                f"local: {workers} worker processes on the CPU, {threads} thread(s) each "
+                f"where a run's config leaves threads unset")
     return partial(execute_local, retry_failed=retry_failed), "local: one run after another in this process (CPU)"
 
 
