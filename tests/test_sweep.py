@@ -17,6 +17,8 @@ from sam_peft.errors import UserError
 from sam_peft.methods import list_methods
 from sam_peft.sweep import load_sweep
 
+import util
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 BASE = {
@@ -27,10 +29,7 @@ BASE = {
 
 
 def write_sweep(tmp_path: Path, **keys) -> Path:
-    tree = {**BASE, "output_dir": str(tmp_path / "runs"), **keys}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
+    return util.write_sweep(tmp_path / "sweep.yaml", tmp_path / "runs", BASE, **keys)
 
 
 def grid_sweep(tmp_path: Path) -> Path:
