@@ -15,13 +15,16 @@ with the best-val weights restored, then test):
   alone reruns this side: `sam-peft sweep <out>/sweep.yaml`), results in <out>/sam-peft/;
 - the reference: `transformers.Trainer` with AutoModelForSequenceClassification for FullTuning,
   the same with everything but the biases (and the classifier) frozen for BitFit, and
-  `peft.LoraConfig` for LoRA, results in <out>/reference/<run_id>.json.
+  `peft.LoraConfig` for LoRA, results in <out>/reference/<run_id>.json. Its classifier is
+  sam-peft's (jiant's) head by default (`--reference-head jiant`, `use_jiant_head`), so that the
+  two sides train the same model; `--reference-head stock` keeps the model class's own head.
 Jobs run in a pool of `--workers` processes (one torch thread each), a sam-peft run and the
 reference run of the same cell side by side, so that both see the same machine load.
 
 Resume: a rerun skips every finished run of both sides (sam-peft's run ids; the reference's
 ids hash its settings the same way) and reruns failed ones only with --retry-failed. Each
-result file is written atomically. Then it writes <out>/table.md: per task and method, mean ±
+result file is written atomically. Then it writes <out>/table.md (with --reference-head stock:
+<out>/table_stock_head.md): per task and method, mean ±
 std over seeds of the test major metric (jiant's, sam_peft.metrics) for both sides, wall time
 per run, and a verdict from Welch's t-test (`verdict`), with cells where both sides sit at the
 majority-class (or chance) score of the test split reported as uninformative.
@@ -32,7 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -88,6 +90,10 @@ METHODS = tuple(LEARNING_RATES)
 TRAIN_EVAL_SUBSET = 64
 # Bumped when the reference side's code changes what it computes (enters its run ids).
 REFERENCE_VERSION = 1
+# The reference's classifier: "jiant" (sam-peft's head, `use_jiant_head`) or "stock" (the model
+# class's own). "stock" leaves `head` out of a run's settings, so that the results from before
+# this choice existed (all stock) keep their run ids.
+REFERENCE_HEADS = ("jiant", "stock")
 
 ALPHA = 0.05  # Welch's t-test level for "higher" / "lower"
 # A side whose mean is within this many points (metric x 100) of the trivial score (the
@@ -226,18 +232,39 @@ def sweep_config(model: str, data: str, out: Path, tasks: list[str], methods: li
 
 
 def reference_jobs(model: str, data: str, tasks, methods, seeds, precision: str,
-                   protocol: dict = PROTOCOL) -> list[RefJob]:
+                   protocol: dict = PROTOCOL, head: str = "jiant") -> list[RefJob]:
     jobs = []
     for m in methods:
         for t in tasks:
             for s in seeds:
                 settings = {"model": model, "data_dir": data, "protocol": protocol, "lr": LEARNING_RATES[m],
                             "precision": precision, "lora": LORA if m == "lora" else None}
+                if head != "stock":
+                    settings["head"] = head
                 jobs.append(RefJob(t, m, s, json.loads(json.dumps(settings))))
     return jobs
 
 
 # ------------------------------------------------------------------ the reference side
+
+
+def use_jiant_head(model) -> None:
+    """Give a BERT-style classifier (pooler output -> dropout -> one linear layer) sam-peft's head,
+    which is jiant's: dropout, dense, tanh, dropout, linear, freshly initialised by nn.Linear as
+    sam-peft's is. The model's own dropout before `classifier` is the first dropout, and the second
+    uses its rate too (sam-peft: the encoder's hidden dropout for both). Models whose stock head
+    is that head already (RoBERTa's and MPNet's dense-tanh-linear on the first token) are left as
+    they are. Without this, a BERT encoder's LoRA and BitFit would train one 385-parameter linear
+    layer on the reference side against a 148k-parameter head on sam-peft's, and the comparison
+    would measure the heads rather than the training loops."""
+    import torch.nn as nn
+
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, nn.Linear):
+        return
+    hidden, n_out = head.in_features, head.out_features
+    rate = model.dropout.p if isinstance(getattr(model, "dropout", None), nn.Dropout) else 0.1
+    model.classifier = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Dropout(rate), nn.Linear(hidden, n_out))
 
 
 def run_reference(job: RefJob, out_dir: str, threads: int) -> dict:
@@ -275,6 +302,8 @@ def run_reference(job: RefJob, out_dir: str, threads: int) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(
         st["model"], local_files_only=True, num_labels=1 if regression else len(spec.labels),
         problem_type="regression" if regression else "single_label_classification")
+    if st.get("head", "stock") == "jiant":
+        use_jiant_head(model)
     if job.method == "bitfit":
         for name, param in model.named_parameters():
             param.requires_grad_(name.endswith(".bias") or name.startswith("classifier."))
@@ -436,7 +465,7 @@ def collect(sweep, ref_jobs: list[RefJob], ref_dir: Path) -> dict:
     return cells
 
 
-def render_table(cells: dict, trivial: dict, tasks, methods, planned_seeds: int) -> str:
+def render_table(cells: dict, trivial: dict, tasks, methods, planned_seeds: int, head: str = "jiant") -> str:
     from sam_peft.report.names import method_display
 
     lines = ["| task | method | sam-peft | reference | difference | trivial score | verdict "
@@ -472,7 +501,9 @@ def render_table(cells: dict, trivial: dict, tasks, methods, planned_seeds: int)
              "reference. Trivial score: the higher of the majority-class score and the mean score of "
              f"shuffled labels on the test split; a cell where both means lie within {TRIVIAL_MARGIN:g} of it is "
              f"uninformative. Verdict: Welch's t-test, two-sided, level {ALPHA:g}; parity means no difference "
-             "detected at this n, not equality.\n")
+             "detected at this n, not equality. The reference's classifier: "
+             + ("sam-peft's (jiant's) head (--reference-head jiant).\n" if head == "jiant"
+                else "the model class's own (--reference-head stock).\n"))
     if missing:
         text += "\nMissing runs: " + "; ".join(missing) + ".\n"
     trivial_lines = [f"- {t}: majority class {trivial[t]['majority']:.2f}, chance {trivial[t]['chance']:.2f}"
@@ -528,6 +559,9 @@ def parse_args(argv):
     ap.add_argument("--max-steps", type=int, default=PROTOCOL["max_steps"],
                     help="training steps of every run (default: %(default)s; other values: other run ids)")
     ap.add_argument("--eval-every", type=int, default=PROTOCOL["eval_every"], help="default: %(default)s")
+    ap.add_argument("--reference-head", choices=REFERENCE_HEADS, default="jiant",
+                    help="the reference's classifier: sam-peft's (jiant's) head, or the model class's own "
+                         "(default: %(default)s)")
     ap.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the table from the results on disk")
     args = ap.parse_args(argv)
@@ -569,7 +603,8 @@ def main(argv=None) -> int:
         atomic_write_text(sweep_path, header + yaml.safe_dump(
             sweep_config(args.model, args.data, out, args.tasks, args.methods, seeds, args.precision, protocol), sort_keys=False))
         sweep = load_sweep(sweep_path)
-        refs = reference_jobs(args.model, args.data, args.tasks, args.methods, seeds, args.precision, protocol)
+        refs = reference_jobs(args.model, args.data, args.tasks, args.methods, seeds, args.precision, protocol,
+                              args.reference_head)
         ref_dir = out / "reference"
         ref_dir.mkdir(parents=True, exist_ok=True)
         failures = 0
@@ -588,8 +623,10 @@ def main(argv=None) -> int:
             failures = run_pool(ours, todo, ref_dir, args.workers, 1, args.retry_failed)
             print(f"[parity] pool finished in {time.time() - t0:.0f}s, {failures} failed", flush=True)
         cells = collect(sweep, refs, ref_dir)
-        table = render_table(cells, task_trivial(args.data, args.tasks), args.tasks, args.methods, len(seeds))
-        atomic_write_text(out / "table.md", table)
+        table = render_table(cells, task_trivial(args.data, args.tasks), args.tasks, args.methods, len(seeds),
+                             args.reference_head)
+        # One table per reference head: the stock-head results stay reported beside the default's.
+        atomic_write_text(out / ("table.md" if args.reference_head == "jiant" else "table_stock_head.md"), table)
         print(table)
     except UserError as e:
         print(f"parity: {e}", file=sys.stderr)

@@ -149,3 +149,58 @@ def test_bad_input_is_one_line_and_exit_2(parity, argv, message, capsys, tmp_pat
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_stock_head_keeps_the_run_ids_of_the_committed_results(parity):
+    """`--reference-head stock` computes what the study computed before the option existed, so its
+    run ids are those of the committed stock-head results; the default (jiant) gets new ones."""
+    committed = sorted((ROOT / "results" / "parity" / "reference").glob("stsb-full-s0-*.json"))
+    results = [json.loads(p.read_text()) for p in committed]
+    stock = [r for r in results if "head" not in r["settings"]]
+    if not stock:
+        pytest.skip("no committed stock-head reference result")
+    st = stock[0]["settings"]
+    job = parity.reference_jobs(st["model"], st["data_dir"], ["stsb"], ["full"], [0], st["precision"],
+                                st["protocol"], head="stock")[0]
+    assert job.run_id == stock[0]["run_id"] and "head" not in job.settings
+    jiant = parity.reference_jobs(st["model"], st["data_dir"], ["stsb"], ["full"], [0], st["precision"],
+                                  st["protocol"])[0]
+    assert jiant.settings["head"] == "jiant" and jiant.run_id != job.run_id
+
+
+@pytest.mark.parametrize("n_out", [1, 3])
+def test_jiant_head_computes_sam_peft_s_head(parity, n_out):
+    """use_jiant_head turns BERT's one-layer classifier into sam-peft's ClassificationHead: with the
+    same weights, the same logits from the same pooled output (dropout off)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sam_peft.model import ClassificationHead
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, num_labels=n_out)
+    model = BertForSequenceClassification(cfg)
+    parity.use_jiant_head(model)
+    model.eval()
+    ours = ClassificationHead(16, n_out, cfg.hidden_dropout_prob).eval()
+    dense, _, dropout, out = model.classifier
+    assert dropout.p == cfg.hidden_dropout_prob
+    ours.dense.load_state_dict(dense.state_dict())
+    ours.out_proj.load_state_dict(out.state_dict())
+    ids = torch.randint(0, 50, (3, 7))
+    pooled = model.bert(input_ids=ids).pooler_output
+    torch.testing.assert_close(model(input_ids=ids).logits, ours(pooled), rtol=0, atol=0)
+    trainable = sum(p.numel() for p in model.classifier.parameters())
+    assert trainable == sum(p.numel() for p in ours.parameters()) == 16 * 16 + 16 + 16 * n_out + n_out
+
+
+def test_jiant_head_leaves_a_head_that_is_jiant_s_already(parity):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    cfg = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=2)
+    model = RobertaForSequenceClassification(cfg)
+    head = model.classifier
+    parity.use_jiant_head(model)
+    assert model.classifier is head
