@@ -204,3 +204,20 @@ def test_jiant_head_leaves_a_head_that_is_jiant_s_already(parity):
     head = model.classifier
     parity.use_jiant_head(model)
     assert model.classifier is head
+
+
+def test_report_only_leaves_the_sweep_file_alone(parity, tmp_path, monkeypatch, capsys):
+    """A report over a subset of the cells writes the table but not sweep.yaml, which stays the
+    plan the runs came from."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.yaml").write_text("# the study's own plan\n")
+    data = ROOT / "sam_peft" / "demo_data"
+    argv = ["--model", "model", "--data", str(data), "--tasks", "mrpc", "--methods", "bitfit", "--seeds", "2",
+            "--out", "out", "--report-only"]
+    assert parity.main(argv) == 0
+    assert (out / "sweep.yaml").read_text() == "# the study's own plan\n"
+    table = (out / "table.md").read_text()
+    assert "| mrpc | BitFit | - | - |" in table and "mrpc/bitfit sam-peft: 0 of 2 runs" in table
