@@ -57,9 +57,9 @@ from sam_peft.errors import UserError  # noqa: E402
 from sam_peft.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 # The one protocol of both sides. 200 steps of batch 16 is 0.6 epochs of STS-B, 1 of MRPC and 14 of
-# CB. Half the 400 first planned: on the 2-core CPU this study ran on (no native bf16) one
-# FullTuning run of MiniLM took 7.4 to 12.2 minutes on one core, evaluations included, and 400
-# steps would not have fitted the budget (results/parity/README.md).
+# CB. Half the 400 first planned: on the 2-core CPU this study ran on (no native bf16) one run
+# of MiniLM (FullTuning, LoRA or BitFit, either side) took 5 to 12.6 minutes on one core,
+# evaluations included, and 400 steps would not have fitted the budget (results/parity/README.md).
 PROTOCOL = {
     "max_steps": 200,
     "batch_size": 16,
