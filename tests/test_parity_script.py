@@ -195,15 +195,50 @@ def test_jiant_head_computes_sam_peft_s_head(parity, n_out):
     assert trainable == sum(p.numel() for p in ours.parameters()) == 16 * 16 + 16 + 16 * n_out + n_out
 
 
-def test_jiant_head_leaves_a_head_that_is_jiant_s_already(parity):
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "electra"])
+def test_jiant_head_refuses_heads_it_cannot_match(parity, family):
+    """RoBERTa's class drops the pooler that sam-peft (as jiant) feeds its head, DistilBERT's adds a
+    ReLU layer, ELECTRA's uses GELU: swapping the classifier would not give sam-peft's model, so
+    the jiant head is refused with a one-line error naming the way out."""
+    import transformers
 
-    cfg = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=2)
-    model = RobertaForSequenceClassification(cfg)
+    name = {"roberta": "Roberta", "distilbert": "DistilBert", "electra": "Electra"}[family]
+    size = dict(dim=16, n_layers=1, n_heads=2, hidden_dim=32) if family == "distilbert" else \
+        dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cfg = getattr(transformers, f"{name}Config")(vocab_size=50, num_labels=2, **size)
+    model = getattr(transformers, f"{name}ForSequenceClassification")(cfg)
     head = model.classifier
-    parity.use_jiant_head(model)
+    with pytest.raises(parity.UserError, match="--reference-head stock"):
+        parity.use_jiant_head(model)
     assert model.classifier is head
+
+
+def test_jiant_head_check_passes_a_bert_layout_model(parity, tmp_path):
+    """The up-front check builds the model from its config alone (meta device, no weights) and
+    lets a BERT-layout model through."""
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+    parity.check_reference_head(str(tmp_path))  # raises UserError for a head it cannot match
+
+
+def test_jiant_head_is_checked_before_any_run(parity, tmp_path, monkeypatch, capsys):
+    """A model whose head cannot be matched stops parity.py with exit 2 and one line, before a run
+    starts or a result folder is written."""
+    from transformers import RobertaConfig
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(parity, "_version", lambda package: "1.0")  # peft need not be installed
+    RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32).save_pretrained(tmp_path / "model")
+    argv = ["--model", "model", "--data", str(ROOT / "sam_peft" / "demo_data"), "--tasks", "mrpc",
+            "--methods", "full", "--seeds", "1", "--out", "out"]
+    assert parity.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "RobertaForSequenceClassification" in err and "--reference-head stock" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_only_leaves_the_sweep_file_alone(parity, tmp_path, monkeypatch, capsys):
