@@ -285,7 +285,10 @@ def check_reference_head(model_dir: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:  # no config.json, or one transformers cannot read
+        raise UserError(f"model '{model_dir}': {str(e).strip().splitlines()[0]}") from None
     with torch.device("meta"):
         use_jiant_head(AutoModelForSequenceClassification.from_config(config))
 

@@ -224,6 +224,11 @@ def test_jiant_head_check_passes_a_bert_layout_model(parity, tmp_path):
     parity.check_reference_head(str(tmp_path))  # raises UserError for a head it cannot match
 
 
+def test_jiant_head_check_names_a_model_folder_without_a_config(parity, tmp_path):
+    with pytest.raises(parity.UserError, match=f"model '{tmp_path}'"):
+        parity.check_reference_head(str(tmp_path))
+
+
 def test_jiant_head_is_checked_before_any_run(parity, tmp_path, monkeypatch, capsys):
     """A model whose head cannot be matched stops parity.py with exit 2 and one line, before a run
     starts or a result folder is written."""
