@@ -56,8 +56,8 @@ class TrainConfig(Strict):
     val_subset: int | None = Field(None, ge=1)
     # None: train metrics on the whole train split; N: on its first N examples (a cheaper check of fit).
     train_eval_subset: int | None = Field(None, ge=1)
-    # auto: bf16 on a GPU that has it; fp32 on every CPU, also one with native bf16 (AVX512-BF16 or
-    # AMX), where bf16 has not been shown to leave accuracy unchanged (README, "Precision on a CPU").
+    # auto: bf16 autocast on a GPU that has it and on a CPU with native bf16 (AVX512-BF16 or AMX),
+    # where it left the stand-in's accuracy unchanged (README, `train.precision`); fp32 elsewhere.
     # bf16 on a CPU is used as asked (emulated, and much slower, without those instructions).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # false (default): a fresh seeded shuffle every epoch, as jiant's shuffled train set. true:
@@ -461,12 +461,29 @@ def config_hash(cfg: RunConfig, n: int = 8) -> str:
         for part in parents:
             node = node.get(part, {})
         node.pop(last, None)
+    if cfg.train.precision == "auto" and _runs_on_cpu(cfg.device):
+        from sam_peft.engine import cpu_has_native_bf16
+
+        # On a CPU with native bf16, `auto` computes what `bf16` does: it gets bf16's id, so that
+        # a results folder never mixes them with the fp32 runs `auto` makes on other CPUs (whose
+        # ids stay as they were before `auto` chose bf16 anywhere on a CPU).
+        if cpu_has_native_bf16():
+            d["train"]["precision"] = "bf16"
     d["data_dir"] = split_fingerprint(cfg.data_dir, cfg.task)
     local_model = Path(cfg.model).expanduser()
     if cfg.model != "tiny" and local_model.is_dir():
         d["model"] = folder_fingerprint(local_model)
     blob = json.dumps(d, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def _runs_on_cpu(device: str) -> bool:
+    """Whether a run with this `device` setting trains on the CPU of this machine."""
+    if device == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return device == "cpu"
 
 
 def run_id(cfg: RunConfig) -> str:

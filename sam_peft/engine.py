@@ -66,26 +66,35 @@ def learning_rate(step: int, base: float, max_steps: int, warmup_steps: int) -> 
     return base * max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.precision` on a device (None: plain fp32).
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """What `train.precision` means on a device: "fp32" or "bf16".
 
-    auto: bf16 on a GPU that supports it, fp32 on every CPU. A CPU with native bf16 (AVX512-BF16
-    or AMX, `cpu_has_native_bf16`) may run faster in bf16, but that bf16 leaves accuracy unchanged
-    has not been measured on one, so auto does not choose it. If it ever does, the run id must
-    change with it (config_hash), or fp32 results of `auto` runs would be taken for bf16 ones.
-    bf16 on a CPU is taken as asked, with a warning where the CPU only emulates it.
+    auto: bf16 autocast on a GPU that supports it and on a CPU that computes bf16 in hardware
+    (AVX512-BF16 or AMX, `cpu_has_native_bf16`), fp32 elsewhere. On such a CPU bf16 left accuracy
+    unchanged on the stand-in's tasks and made steps faster (README, `train.precision`); on a CPU
+    without them bf16 is emulated and several times slower. config_hash gives an `auto` run on a
+    native-bf16 CPU the id of a bf16 run, so that its results are never taken for fp32 ones.
     """
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    if precision == "fp32":
+        return "fp32"
+    if device.type == "cuda":  # bf16 too: fp32 on a GPU without bf16 support
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":  # bf16: as asked, even where emulated (autocast_dtype warns)
+        return "bf16" if precision == "bf16" or cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.precision` on a device (None: plain fp32), as
+    `resolved_precision` says. bf16 asked for explicitly is taken as asked, with a warning on a CPU
+    that only emulates it."""
+    if resolved_precision(precision, device) == "fp32":
         return None
-    if precision == "bf16" and device.type == "cpu":
-        if not cpu_has_native_bf16():
-            warnings.warn("train.precision bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there, "
-                          "and a training step is several times slower than in fp32 (docs/benchmarks.md)",
-                          stacklevel=2)
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("train.precision bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there, "
+                      "and a training step is several times slower than in fp32 (docs/benchmarks.md)",
+                      stacklevel=2)
+    return torch.bfloat16
 
 
 # ------------------------------------------------------------------------ what methods see

@@ -409,6 +409,7 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
         "full_fp32_bytes": full_bytes,
         **memory.report(),
         "device": str(device),
+        "precision": "fp32" if trainer.autocast_dtype is None else "bf16",  # what train.precision resolved to
         "versions": {"sam_peft": sam_peft.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__, "python": platform.python_version()},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -430,6 +431,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
     result = record if isinstance(record, dict) else {}
     delta_path = rd.delta
     check_delta_belongs(delta_path, delta_lib.read_metadata(delta_path), cfg, result)
+    if cfg.train.precision == "auto" and result.get("precision") in ("fp32", "bf16"):
+        # Evaluate in the precision the run trained in, which `auto` may not resolve to here.
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": result["precision"]})})
     built = build(cfg, splits=(split,))
     theta0 = {n: p.detach().clone() for n, p in built.model.named_parameters() if n in set(built.eligible)}
     delta_lib.apply(built.model, delta_path, tokenizer=built.tokenizer)

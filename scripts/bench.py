@@ -9,15 +9,16 @@ depend on the weights. Batches are synthetic token sequences whose lengths follo
 seeded distribution resembling GLUE/SuperGLUE pairs (median ~60 tokens, long tail to 256).
 
 For every method the same training step is timed twice:
-- sam-peft's engine: bf16 autocast on a GPU that has it (fp32 on CPU: `precision: auto`), dynamic padding of
+- sam-peft's engine: bf16 autocast on a GPU that has it (`precision: auto`; on a CPU fp32), dynamic padding of
   length-grouped batches, fused AdamW on GPU, whole frozen tensors without weight gradients,
   optimizer state for the chosen entries only;
 - the naive baseline (the authors' setup): fp32, every batch padded to 256 tokens, every
   parameter requiring gradients and a dense AdamW over all of them, the method's mask applied
   by zeroing gradients (frozen tensors included).
 On a CPU the engine's step is also timed in bf16 autocast (`train.precision: bf16`; --no-bf16
-leaves it out), to show what bf16 would buy there: `bf16` per method, `bf16_vs_fp32_step` ratios,
-and `cpu_native_bf16` (AVX512-BF16 or AMX present; without them torch emulates bf16).
+leaves it out), to show what bf16 buys there: `bf16` per method, `bf16_vs_fp32_step` ratios,
+`cpu_native_bf16` (AVX512-BF16 or AMX present; without them torch emulates bf16) and
+`auto_precision` (what `precision: auto` resolves to on this CPU: bf16 where it is native).
 It writes JSON (per method: step_s, tokens_per_s, peak_mem_bytes, optimizer_state_bytes, and
 the same for the naive mode; the ratios the performance targets are stated in; SAM's top-k
 selection time; on CUDA the MFU against the measured bf16 matmul rate and the projected
@@ -48,7 +49,15 @@ sys.path.insert(0, str(ROOT))
 from sam_peft import delta as delta_lib  # noqa: E402
 from sam_peft.config import build_config  # noqa: E402
 from sam_peft.data import LengthGroupedSampler, collate  # noqa: E402
-from sam_peft.engine import SelectContext, TaskData, Trainer, cpu_has_native_bf16, eligible_names, to_device  # noqa: E402,E501
+from sam_peft.engine import (  # noqa: E402
+    SelectContext,
+    TaskData,
+    Trainer,
+    cpu_has_native_bf16,
+    eligible_names,
+    resolved_precision,
+    to_device,
+)
 from sam_peft.methods import build_method, list_methods  # noqa: E402
 from sam_peft.model import TaskModel  # noqa: E402
 from sam_peft.selection import budget, topk_entries  # noqa: E402
@@ -382,12 +391,16 @@ def main(argv=None) -> int:
     cpu_bf16 = device.type == "cpu" and not args.no_bf16
     if device.type == "cpu":
         out["cpu_native_bf16"] = cpu_has_native_bf16()
+        out["auto_precision"] = resolved_precision("auto", device)
         out["load_average_at_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if cpu_bf16:
         out["bf16"] = {}
     for name in methods:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        out["methods"][name] = time_engine(name, args.shape, device, data, steps, args.warmup, args.compile)
+        # On a CPU fp32 stated: `auto` is bf16 on a native-bf16 CPU, and the bf16 step is timed next.
+        main_precision = "fp32" if device.type == "cpu" else "auto"
+        out["methods"][name] = time_engine(name, args.shape, device, data, steps, args.warmup, args.compile,
+                                           precision=main_precision)
         if cpu_bf16:  # right after the fp32 timing of the same method: both see about the same machine load
             r = time_engine(name, args.shape, device, data, steps, args.warmup, False, precision="bf16")
             out["bf16"][name] = {k: r[k] for k in ("step_s", "tokens_per_s", "peak_mem_bytes")}
@@ -454,7 +467,8 @@ def print_table(out: dict) -> None:
               f"{nv.get('step_s', float('nan')):8.3f} {nv.get('tokens_per_s', float('nan')):11.0f} "
               f"{bf.get('step_s', float('nan')):8.3f} {bf.get('step_s', float('nan')) / r['step_s']:9.2f}")
     if "cpu_native_bf16" in out:
-        print(f"cpu_native_bf16 (AVX512-BF16 or AMX): {out['cpu_native_bf16']}")
+        print(f"cpu_native_bf16 (AVX512-BF16 or AMX): {out['cpu_native_bf16']}; precision auto here: "
+              f"{out['auto_precision']}")
     for k in ("step_time_ratio_sam_vs_full", "optimizer_state_ratio_sam_vs_full", "delta_bytes_ratio_sam_vs_full",
               "step_time_ratio_bitfit_vs_full", "step_time_ratio_adapter_vs_full", "step_time_ratio_lora_vs_full",
               "sam_select_s"):

@@ -1,4 +1,5 @@
-"""train.precision: what `auto`, `fp32` and `bf16` resolve to on a CPU, and the native-bf16 probe."""
+"""train.precision: what `auto`, `fp32` and `bf16` resolve to on a CPU, the native-bf16 probe, and
+how `auto` enters a run id."""
 
 import warnings
 
@@ -29,11 +30,32 @@ def _dtype(precision: str, native: bool, monkeypatch) -> torch.dtype | None:
     return engine.autocast_dtype(cfg.train.precision, torch.device("cpu"))
 
 
+def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_on_others(monkeypatch):
+    # bf16 left the stand-in's accuracy unchanged on an AMX CPU (README, train.precision).
+    assert _dtype("auto", True, monkeypatch) is torch.bfloat16
+    assert _dtype("auto", False, monkeypatch) is None
+    for native in (False, True):
+        assert _dtype("fp32", native, monkeypatch) is None
+
+
 @pytest.mark.parametrize("native", [False, True])
-def test_auto_is_fp32_on_every_cpu(native, monkeypatch):
-    # bf16 has not been shown to leave accuracy unchanged on a CPU, native or not (README).
-    assert _dtype("auto", native, monkeypatch) is None
-    assert _dtype("fp32", native, monkeypatch) is None
+def test_an_auto_run_s_id_says_what_it_computes(native, monkeypatch):
+    from sam_peft.config import run_id
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = {"task": "cb", "model": "tiny", "data_dir": "demo", "method": {"name": "full"}}
+    ids = {p: run_id(build_config(base, [f"train.precision={p}"])) for p in ("auto", "fp32", "bf16")}
+    assert ids["fp32"] != ids["bf16"]
+    if native:  # auto computes what bf16 does here: one id, never taken for an fp32 run
+        assert ids["auto"] == ids["bf16"]
+    else:  # auto is fp32 here, and keeps the id it had before auto chose bf16 anywhere
+        assert ids["auto"] not in (ids["fp32"], ids["bf16"])
+    # A run meant for a GPU is not hashed by this machine's CPU.
+    on_gpu = run_id(build_config(base, ["train.precision=auto", "device=cuda"]))
+    assert on_gpu != ids["bf16"]
+    # The device never enters the id by itself: explicit precisions hash the same everywhere.
+    assert run_id(build_config(base, ["train.precision=fp32", "device=cuda"])) == ids["fp32"]
 
 
 def test_bf16_on_a_cpu_is_taken_as_asked_and_warned_about_where_emulated(monkeypatch):
@@ -42,3 +64,31 @@ def test_bf16_on_a_cpu_is_taken_as_asked_and_warned_about_where_emulated(monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _dtype("bf16", True, monkeypatch) is torch.bfloat16
+
+
+def test_a_run_records_its_precision_and_is_evaluated_in_it_on_any_cpu(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from sam_peft.run import evaluate_run, run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = {"task": "cb", "model": "tiny", "data_dir": "demo", "method": {"name": "full"}, "device": "cpu",
+           "output_dir": str(tmp_path), "train": {"max_steps": 6, "eval_every": 3, "min_steps": 0,
+                                                  "max_seq_len": 32, "lr": 5e-3, "precision": "auto"}}
+    results = {}
+    for native in (True, False):
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+        results[native] = run(build_config(cfg), progress=False, log=lambda *a: None)
+    assert results[True]["precision"] == "bf16" and results[False]["precision"] == "fp32"
+    assert results[True]["run_id"] != results[False]["run_id"]
+    deltas = [load_file(str(tmp_path / results[native]["run_id"] / "delta.safetensors")) for native in (True, False)]
+    assert any(not torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0])  # bf16 did compute
+
+    # The bf16 run evaluated on a CPU where `auto` means fp32 (and the other way round): the
+    # numbers it recorded, to the last bit, because evaluation follows result.json's precision.
+    for native in (True, False):
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: not native)
+        # the bf16 run, on a CPU that only emulates bf16, warns that it is slow there
+        with pytest.warns(UserWarning, match="emulated") if native else warnings.catch_warnings():
+            metrics, _ = evaluate_run(tmp_path / results[native]["run_id"])
+        assert metrics == results[native]["metrics"]["test"]

@@ -83,8 +83,10 @@ def synthetic_data(task: str = "cb", n: int = 48, vocab: int = 30, seed: int = 0
 
 
 def hand_config(method: dict, task: str = "cb", seed: int = 0, **train):
+    # fp32 stated: these trainers are checked against computations made by hand in fp32, and `auto`
+    # is bf16 autocast on a CPU with AVX512-BF16 or AMX.
     protocol = {"max_steps": 30, "eval_every": 10, "patience": 100, "min_steps": 0, "batch_size": 8,
-                "eval_batch_size": 16, "lr": 1e-2, "warmup": 0.0}
+                "eval_batch_size": 16, "lr": 1e-2, "warmup": 0.0, "precision": "fp32"}
     protocol.update(train)
     return build_config({"model": "tiny", "task": task, "method": method, "seed": seed,
                          "output_dir": "/nonexistent", "train": protocol})
