@@ -57,7 +57,7 @@ class TrainConfig(Strict):
     # None: train metrics on the whole train split; N: on its first N examples (a cheaper check of fit).
     train_eval_subset: int | None = Field(None, ge=1)
     # auto: bf16 autocast on a GPU that has it and on a CPU with native bf16 (AVX512-BF16 or AMX),
-    # where it left the stand-in's accuracy unchanged (README, `train.precision`); fp32 elsewhere.
+    # where it left the stand-in's means over seeds unchanged (README, `train.precision`); fp32 elsewhere.
     # bf16 on a CPU is used as asked (emulated, and much slower, without those instructions).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # false (default): a fresh seeded shuffle every epoch, as jiant's shuffled train set. true:

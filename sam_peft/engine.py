@@ -70,8 +70,8 @@ def resolved_precision(precision: str, device: torch.device) -> str:
     """What `train.precision` means on a device: "fp32" or "bf16".
 
     auto: bf16 autocast on a GPU that supports it and on a CPU that computes bf16 in hardware
-    (AVX512-BF16 or AMX, `cpu_has_native_bf16`), fp32 elsewhere. On such a CPU bf16 left accuracy
-    unchanged on the stand-in's tasks and made steps faster (README, `train.precision`); on a CPU
+    (AVX512-BF16 or AMX, `cpu_has_native_bf16`), fp32 elsewhere. On such a CPU bf16 left the
+    stand-in's means over seeds unchanged and made steps faster (README, `train.precision`); on a CPU
     without them bf16 is emulated and several times slower. config_hash gives an `auto` run on a
     native-bf16 CPU the id of a bf16 run, so that its results are never taken for fp32 ones.
     """
