@@ -395,10 +395,10 @@ def main(argv=None) -> int:
         out["load_average_at_start"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if cpu_bf16:
         out["bf16"] = {}
+    # On a CPU fp32 stated: `auto` is bf16 on a native-bf16 CPU, and the bf16 step is timed apart.
+    main_precision = "fp32" if device.type == "cpu" else "auto"
     for name in methods:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        # On a CPU fp32 stated: `auto` is bf16 on a native-bf16 CPU, and the bf16 step is timed next.
-        main_precision = "fp32" if device.type == "cpu" else "auto"
         out["methods"][name] = time_engine(name, args.shape, device, data, steps, args.warmup, args.compile,
                                            precision=main_precision)
         if cpu_bf16:  # right after the fp32 timing of the same method: both see about the same machine load

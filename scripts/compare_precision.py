@@ -21,6 +21,7 @@ from scipy.stats import ttest_ind, ttest_rel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sam_peft.errors import UserError  # noqa: E402
+from sam_peft.io import atomic_write_text  # noqa: E402
 from sam_peft.report.results import load_results  # noqa: E402
 
 
@@ -74,15 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = compare(by_cell(args.first, args.split), by_cell(args.second, args.split), tuple(args.names),
                        args.split)
+        print(text, end="")
+        if args.output:
+            atomic_write_text(args.output, text)  # a failed write is a one-line WriteError
     except UserError as e:
         print(f"compare_precision: {e}", file=sys.stderr)
         return 2
-    print(text, end="")
-    if args.output:
-        out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
     return 0
 
 

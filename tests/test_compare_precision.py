@@ -51,3 +51,14 @@ def test_no_common_run_is_an_error_exit_2(tmp_path, capsys):
     assert err == ["compare_precision: no (row, task, seed) is done in both results directories"]
     assert script.main([str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
     assert "nowhere: no such results directory" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
+    script = load_script()
+    write_run(tmp_path / "a", "sam", "rte", 0, 70.0)
+    write_run(tmp_path / "b", "sam", "rte", 0, 71.0)
+    out = tmp_path / "no_such_folder" / "cmp.md"
+    assert script.main([str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"compare_precision: {out}: cannot write")
+    assert not out.parent.exists()
