@@ -441,8 +441,15 @@ PRESENTATION_KEYS = ("output_dir", "device", "threads", "label", "train.log_ever
 
 # Enters every run id. Bumped when what a config computes changes, so that results of older
 # versions are never taken for results of this one (2: burn-in outside the training schedule,
-# shuffled batches, the methods as their originals).
-RESULTS_VERSION = 2
+# shuffled batches, the methods as their originals; 3: each seed its own data order, where
+# seed k's order had been seed 0's without its first k epochs).
+RESULTS_VERSION = 3
+
+# Keys added since results version 3, each with the value at which a run computes what it
+# computed before the key existed. At that value the key is left out of the run id, so a new
+# option never renames finished runs (resuming a study across versions of the code). A method
+# option is written `method.<option>` and counts for the methods that have it.
+NEUTRAL_DEFAULTS: dict[str, Any] = {}
 
 
 def config_hash(cfg: RunConfig, n: int = 8) -> str:
@@ -461,8 +468,15 @@ def config_hash(cfg: RunConfig, n: int = 8) -> str:
         for part in parents:
             node = node.get(part, {})
         node.pop(last, None)
+    for key, neutral in NEUTRAL_DEFAULTS.items():
+        *parents, last = key.split(".")
+        node = d
+        for part in parents:
+            node = node.get(part, {})
+        if last in node and node[last] == neutral:
+            del node[last]
     if cfg.train.precision == "auto" and _runs_on_cpu(cfg.device):
-        from sam_peft.engine import cpu_has_native_bf16
+        from sam_peft.device import cpu_has_native_bf16
 
         # On a CPU with native bf16, `auto` computes what `bf16` does: it gets bf16's id, so that
         # a results folder never mixes them with the fp32 runs `auto` makes on other CPUs (whose

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sam_peft.errors import UserError
@@ -489,12 +490,19 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of one epoch's order: a 64-bit hash of (seed, epoch) by numpy's
+    SeedSequence. `seed + epoch` made seed k's stream seed 0's without its first k epochs, so
+    the seeds of a table saw nearly the same batches."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0])
+
+
 class LengthGroupedSampler:
     """An endless, resumable stream of training batches (lists of example indices).
 
-    Epoch e is a random permutation from a torch.Generator seeded with seed + e, so the
-    stream depends only on (lengths, batch_size, seed) and any point in it can be
-    rebuilt from (epoch, position). With group_by_length, each run of
+    Epoch e is a random permutation from a torch.Generator seeded with `epoch_seed(seed, e)`,
+    a hash of the pair, so the stream depends only on (lengths, batch_size, seed), any point
+    in it can be rebuilt from (epoch, position), and no two seeds share an epoch's order. With group_by_length, each run of
     mega_batch * batch_size examples of the permutation is sorted by length and cut into
     batches, and the batch order is then shuffled: batches hold examples of similar
     length (little padding) while the order stays random. Every example appears exactly
@@ -522,7 +530,7 @@ class LengthGroupedSampler:
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """All batches of one epoch, in order."""
-        generator = torch.Generator().manual_seed(self.seed + epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         if not self.group_by_length:
             return _chunks(order, self.batch_size)

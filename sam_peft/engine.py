@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -25,35 +24,17 @@ from torch import nn
 
 from sam_peft import checkpoint as ckpt_lib
 from sam_peft import metrics as metrics_lib
+from sam_peft.device import autocast_dtype, cpu_has_native_bf16, resolved_precision  # noqa: F401 (re-exported)
 from sam_peft.data import TaskData, TrainStream, collate, eval_batches, to_device  # noqa: F401 (re-exported)
 from sam_peft.errors import UserError
 from sam_peft.methods.base import Method, TrainPlan
 from sam_peft.optim import PlanOptimizer
 from sam_peft.params import eligible_names, head_names, layernorm_names, no_decay_names  # noqa: F401 (re-exported)
 from sam_peft.scoring import GradientStats
-from sam_peft.selection import budget, topk_entries
+from sam_peft.selection import budget, tie_report, topk_entries
 
 CHECKPOINT_FORMAT = ckpt_lib.FORMAT
 CheckpointMismatch = ckpt_lib.CheckpointMismatch
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU computes bf16 in hardware: the `avx512_bf16` or `amx_bf16` flag of Linux's
-    /proc/cpuinfo (`cpuinfo`: that file's text, for tests). False elsewhere, or when the file
-    cannot be read. Without these instructions torch's CPU bf16 kernels convert to fp32 and back,
-    and a bf16 step is slower than an fp32 one (docs/benchmarks.md)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags = set(value.split())
-            return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
 
 
 def learning_rate(step: int, base: float, max_steps: int, warmup_steps: int) -> float:
@@ -64,37 +45,6 @@ def learning_rate(step: int, base: float, max_steps: int, warmup_steps: int) -> 
     if step < warmup_steps:
         return base * step / max(1, warmup_steps)
     return base * max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
-
-
-def resolved_precision(precision: str, device: torch.device) -> str:
-    """What `train.precision` means on a device: "fp32" or "bf16".
-
-    auto: bf16 autocast on a GPU that supports it and on a CPU that computes bf16 in hardware
-    (AVX512-BF16 or AMX, `cpu_has_native_bf16`), fp32 elsewhere. On such a CPU bf16 left the
-    stand-in's means over seeds unchanged and made steps faster (README, `train.precision`); on a CPU
-    without them bf16 is emulated and several times slower. config_hash gives an `auto` run on a
-    native-bf16 CPU the id of a bf16 run, so that its results are never taken for fp32 ones.
-    """
-    if precision == "fp32":
-        return "fp32"
-    if device.type == "cuda":  # bf16 too: fp32 on a GPU without bf16 support
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":  # bf16: as asked, even where emulated (autocast_dtype warns)
-        return "bf16" if precision == "bf16" or cpu_has_native_bf16() else "fp32"
-    return "fp32"
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.precision` on a device (None: plain fp32), as
-    `resolved_precision` says. bf16 asked for explicitly is taken as asked, with a warning on a CPU
-    that only emulates it."""
-    if resolved_precision(precision, device) == "fp32":
-        return None
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("train.precision bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated there, "
-                      "and a training step is several times slower than in fp32 (docs/benchmarks.md)",
-                      stacklevel=2)
-    return torch.bfloat16
 
 
 # ------------------------------------------------------------------------ what methods see
@@ -123,6 +73,7 @@ class SelectContext:
         self.generator = torch.Generator().manual_seed(1_000_003 * trainer.seed + 7)
         self.device = trainer.device
         self.grad_clip = trainer.t.grad_clip  # the protocol's max gradient norm
+        self.selection: dict | None = None  # selection.tie_report of the last topk
 
     @property
     def step(self) -> int:
@@ -142,7 +93,9 @@ class SelectContext:
         """Exactly floor(density * m) entries with the largest scores, m = the entries scored
         (all eligible ones unless a method scores fewer); see selection.py."""
         m = sum(s.numel() for s in scores.values())
-        return topk_entries(scores, self.budget(density, m), mode)
+        chosen = topk_entries(scores, self.budget(density, m), mode)
+        self.selection = tie_report(scores, chosen)
+        return chosen
 
     def accumulate_gradients(self, n_batches: int, stats=("sum",), names: list[str] | None = None,
                              clip: float = 0.0, clip_mode: str = "global") -> dict[str, dict[str, torch.Tensor]]:
@@ -306,6 +259,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype(self.t.precision, self.device)
         self.batches = TrainStream(data, self.t.batch_size, self.seed, self.t.group_by_length, self.device)
         self.optimizer: PlanOptimizer | None = None
+        self.selection: dict | None = None  # how the method's top-k went (selection.tie_report)
         self.progress = Progress(False, 0, desc)
         self._progress_on, self.desc = progress, desc
         if self.t.compile and self.device.type == "cuda":
@@ -416,7 +370,8 @@ class Trainer:
         self.progress = Progress(self._progress_on, t.max_steps, self.desc)
         try:
             t0 = time.perf_counter()
-            plan = self.method.select(self.model, SelectContext(self))
+            ctx = SelectContext(self)
+            plan = self.method.select(self.model, ctx)
             timings["select_s"] = time.perf_counter() - t0
             burnin = self.step
             if self.step >= t.max_steps:  # config validation rejects this for every shipped method
@@ -447,6 +402,8 @@ class Trainer:
             ckpt_lib.restore(self.params, plan, st.best, self.method)
             self.method.finalize(self.model)
             plan = self.method.final_plan(plan)
+            # A method that re-projects during training (DiffPruning's remask) reports its last top-k.
+            self.selection = ctx.selection or self.method.report().get("selection")
         finally:
             self.progress.close()
         for p in self.model.parameters():

@@ -27,6 +27,7 @@ from sam_peft import checkpoint as ckpt_lib
 from sam_peft import delta as delta_lib
 from sam_peft.config import RunConfig, config_dict, config_hash
 from sam_peft.data import Example, check_text, encode, load_splits, resolve_data_dir
+from sam_peft.device import machine, resolve_device, resolved_precision
 from sam_peft.engine import CheckpointMismatch, TaskData, Trainer, eligible_names, head_names
 from sam_peft.errors import UserError
 from sam_peft.io import append_jsonl, atomic_torch_save, unwritable_folder_reason
@@ -36,18 +37,6 @@ from sam_peft.model import TaskModel, load_backbone
 from sam_peft.params import GROUPS, param_group, param_kinds
 from sam_peft.rundir import RunDir
 from sam_peft.tasks import TaskSpec, get_task
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device '{device}': not a device (auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{device}': no CUDA device is available")
-    return dev
 
 
 def drop_examples(train: list[Example], fraction: float, seed: int) -> list[Example]:
@@ -271,6 +260,18 @@ class PeakMemory:
                 "peak_mem_kind": "process_max_rss"}
 
 
+def provenance(cfg: RunConfig, device: torch.device) -> dict:
+    """What a result depends on beyond its config: the precision `train.precision` resolved to,
+    the machine (device, CPU model, cores, threads) and the versions of the software."""
+    return {
+        "device": str(device),
+        "precision": resolved_precision(cfg.train.precision, device),
+        "machine": machine(device),
+        "versions": {"sam_peft": sam_peft.__version__, "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
+    }
+
+
 def run(cfg: RunConfig, progress: bool = True, force: bool = False, log=print) -> dict:
     """Train one configuration; returns result.json's content.
 
@@ -312,7 +313,7 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
     frozen_before = _frozen_fingerprint(model, frozen)
     chash = config_hash(cfg)
     resume = None if force else ckpt_lib.load(rd.checkpoint, chash, log)
-    base = rd.start(cfg)  # the folder, config.yaml and the "running" record
+    base = rd.start(cfg, provenance(cfg, device))  # the folder, config.yaml and the "running" record
     if resume is None:
         rd.clear_for_a_fresh_start()
     else:
@@ -352,6 +353,15 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
         raise
     finally:
         curves.close()
+
+    warnings_ = []
+    selection = trainer.selection or {}
+    if selection.get("n_chosen_without_positive_score"):
+        warnings_.append(f"{selection['n_chosen_without_positive_score']:,} of the k = {selection['k']:,} chosen "
+                         f"entries had no positive score ({selection['n_positive_scores']:,} eligible entries "
+                         "scored above 0): top-k filled them by position")
+    for w in warnings_:
+        log(f"{rd.path}: warning: {w}")
 
     if _frozen_fingerprint(model, frozen) != frozen_before:
         raise RuntimeError("a frozen pretrained tensor changed during training (bug)")
@@ -403,15 +413,14 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
         "wall_time_s": round(elapsed_before + time.time() - started, 3),
         "timings": {**{k: round(v, 3) for k, v in fit.timings.items()}, "final_eval_s": round(eval_final_s, 3)},
         "method_report": method.report(),
+        "n_positive_scores": selection.get("n_positive_scores"),  # None: the method chose no top-k
+        "n_chosen_without_positive_score": selection.get("n_chosen_without_positive_score"),
+        "warnings": warnings_,
         "mask_share": mask_share(model, plan, trainer.theta0),
         "optimizer_state_bytes": fit.optimizer_state_bytes,
         "delta_bytes": delta_bytes,
         "full_fp32_bytes": full_bytes,
         **memory.report(),
-        "device": str(device),
-        "precision": "fp32" if trainer.autocast_dtype is None else "bf16",  # what train.precision resolved to
-        "versions": {"sam_peft": sam_peft.__version__, "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__, "python": platform.python_version()},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     rd.write(result)

@@ -130,14 +130,17 @@ class RunDir:
     def write(self, record: dict) -> None:
         atomic_write_json(self.result, record)
 
-    def start(self, cfg) -> dict:
-        """Create the folder, write the config and the "running" record; returns the base record."""
+    def start(self, cfg, provenance: dict | None = None) -> dict:
+        """Create the folder, write the config and the "running" record; returns the base record.
+        `provenance` (precision, machine, versions) enters every record from here on, a failed
+        run's included."""
         from sam_peft.config import config_dict
 
         make_folder(self.path)
         self.remove_temporaries()
         atomic_write_yaml(self.config, config_dict(cfg))
-        base = {**base_record(cfg), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        base = {**base_record(cfg), **(provenance or {}),
+                "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.write({**base, "status": "running", "pid": os.getpid(), "host": platform.node()})
         return base
 

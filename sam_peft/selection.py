@@ -96,3 +96,13 @@ def topk_entries(scores: dict[str, torch.Tensor], k: int, mode: str = "global") 
 def random_scores(shapes: dict[str, torch.Size], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Uniform scores, one per entry: top-k of these is a uniformly random k-subset."""
     return {n: torch.rand(s, generator=generator) for n, s in shapes.items()}
+
+
+def tie_report(scores: dict[str, torch.Tensor], chosen: dict[str, torch.Tensor]) -> dict:
+    """How much of a selection its scores decided: k, how many entries scored above 0, and how
+    many chosen entries did not (ties at zero, filled by position: heavy gate collapse, or a
+    tensor that got no gradient under per-tensor top-k)."""
+    n_positive = sum(int((s > 0).sum()) for s in scores.values())
+    unscored = sum(int((~(scores[n].reshape(-1)[idx] > 0)).sum()) for n, idx in chosen.items() if idx.numel())
+    return {"k": sum(int(idx.numel()) for idx in chosen.values()), "n_positive_scores": n_positive,
+            "n_chosen_without_positive_score": unscored}

@@ -49,13 +49,12 @@ sys.path.insert(0, str(ROOT))
 from sam_peft import delta as delta_lib  # noqa: E402
 from sam_peft.config import build_config  # noqa: E402
 from sam_peft.data import LengthGroupedSampler, collate  # noqa: E402
+from sam_peft.device import cpu_has_native_bf16, resolved_precision  # noqa: E402
 from sam_peft.engine import (  # noqa: E402
     SelectContext,
     TaskData,
     Trainer,
-    cpu_has_native_bf16,
     eligible_names,
-    resolved_precision,
     to_device,
 )
 from sam_peft.methods import build_method, list_methods  # noqa: E402

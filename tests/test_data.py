@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -305,8 +306,53 @@ def test_sampler_is_deterministic_and_seed_dependent():
     c = take(LengthGroupedSampler(LENGTHS, 8, seed=2), 30)
     assert a == b
     assert a != c
-    # Epochs differ from one another (seed + epoch).
+    # Epochs differ from one another.
     assert a[:13] != a[13:26]
+
+
+def test_no_two_seeds_share_an_epoch_order():
+    # seed + epoch seeded epoch e, so seed k's epoch 0 was seed 0's epoch k: the ten seeds of a
+    # table saw nearly one batch stream. Every (seed, epoch) order must be its own.
+    n = 1000
+    orders = {}
+    for seed in range(10):
+        sampler = LengthGroupedSampler([5] * n, batch_size=16, seed=seed)
+        for epoch in range(5):
+            order = tuple(i for batch in sampler.epoch_batches(epoch) for i in batch)
+            assert sorted(order) == list(range(n))
+            orders[(seed, epoch)] = order
+    assert len(set(orders.values())) == len(orders) == 50
+
+
+def _pairs_meeting(batches) -> set[tuple[int, int]]:
+    return {(a, b) for batch in batches for a in batch for b in batch if a < b}
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_example_pairs_meet_again_across_seeds_at_chance(group_by_length):
+    # Of the pairs of examples that share a batch under one seed, the share that share one again
+    # under another seed (any epoch of each) must be what independent shuffles give: about
+    # (b - 1) / (n - 1) without length grouping. Length grouping puts similar lengths together
+    # by design, so there the chance level comes from shuffles under unrelated seeds.
+    n, b = 1000, 16
+    lengths = [(i * 37) % 23 + 3 for i in range(n)]
+
+    def meetings(seed, epoch):
+        return _pairs_meeting(LengthGroupedSampler(lengths, b, seed, group_by_length).epoch_batches(epoch))
+
+    shares = []
+    for seed_a, seed_b in [(0, k) for k in range(1, 10)] + [(3, 7), (8, 9)]:
+        for epoch_a, epoch_b in [(0, 0), (seed_b - seed_a, 0), (0, 1)]:
+            a, other = meetings(seed_a, epoch_a), meetings(seed_b, epoch_b)
+            shares.append(len(a & other) / len(a))
+    if group_by_length:
+        chance = np.mean([len(meetings(1000 + k, 0) & meetings(2000 + k, 0)) / len(meetings(1000 + k, 0))
+                          for k in range(5)])
+    else:
+        chance = (b - 1) / (n - 1)
+    # The old stream gave a share of 1.0 for (seed 0, epoch k) against (seed k, epoch 0).
+    assert max(shares) < 2 * chance
+    assert abs(np.mean(shares) - chance) < 0.2 * chance
 
 
 @pytest.mark.parametrize("group_by_length", [True, False])

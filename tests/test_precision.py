@@ -6,9 +6,9 @@ import warnings
 import pytest
 import torch
 
-from sam_peft import engine
+from sam_peft import device as device_lib
 from sam_peft.config import build_config
-from sam_peft.engine import cpu_has_native_bf16
+from sam_peft.device import cpu_has_native_bf16
 
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma vaes\n"
 SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile\n"
@@ -25,9 +25,9 @@ def test_native_bf16_is_read_from_the_cpu_flags():
 
 
 def _dtype(precision: str, native: bool, monkeypatch) -> torch.dtype | None:
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+    monkeypatch.setattr(device_lib, "cpu_has_native_bf16", lambda cpuinfo=None: native)
     cfg = build_config({"task": "rte", "model": "tiny", "train": {"precision": precision}})
-    return engine.autocast_dtype(cfg.train.precision, torch.device("cpu"))
+    return device_lib.autocast_dtype(cfg.train.precision, torch.device("cpu"))
 
 
 def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_on_others(monkeypatch):
@@ -42,7 +42,7 @@ def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_on_others(monkeypatch):
 def test_an_auto_run_s_id_says_what_it_computes(native, monkeypatch):
     from sam_peft.config import run_id
 
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+    monkeypatch.setattr(device_lib, "cpu_has_native_bf16", lambda cpuinfo=None: native)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     base = {"task": "cb", "model": "tiny", "data_dir": "demo", "method": {"name": "full"}}
     ids = {p: run_id(build_config(base, [f"train.precision={p}"])) for p in ("auto", "fp32", "bf16")}
@@ -77,7 +77,7 @@ def test_a_run_records_its_precision_and_is_evaluated_in_it_on_any_cpu(tmp_path,
                                                   "max_seq_len": 32, "lr": 5e-3, "precision": "auto"}}
     results = {}
     for native in (True, False):
-        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+        monkeypatch.setattr(device_lib, "cpu_has_native_bf16", lambda cpuinfo=None: native)
         results[native] = run(build_config(cfg), progress=False, log=lambda *a: None)
     assert results[True]["precision"] == "bf16" and results[False]["precision"] == "fp32"
     assert results[True]["run_id"] != results[False]["run_id"]
@@ -87,7 +87,7 @@ def test_a_run_records_its_precision_and_is_evaluated_in_it_on_any_cpu(tmp_path,
     # The bf16 run evaluated on a CPU where `auto` means fp32 (and the other way round): the
     # numbers it recorded, to the last bit, because evaluation follows result.json's precision.
     for native in (True, False):
-        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda cpuinfo=None: not native)
+        monkeypatch.setattr(device_lib, "cpu_has_native_bf16", lambda cpuinfo=None: not native)
         # the bf16 run, on a CPU that only emulates bf16, warns that it is slow there
         with pytest.warns(UserWarning, match="emulated") if native else warnings.catch_warnings():
             metrics, _ = evaluate_run(tmp_path / results[native]["run_id"])

@@ -61,7 +61,7 @@ from torch import nn
 from sam_peft.methods import register_method
 from sam_peft.methods.base import Method, OwnGroup, SparseOptions, TrainPlan
 from sam_peft.params import no_decay_names
-from sam_peft.selection import topk_entries
+from sam_peft.selection import tie_report, topk_entries
 
 L0_LAMBDA_DEFAULT = {"sum": 1.25e-7, "mean": 1.0}  # Guo et al.'s per-entry weight; the authors' code
 
@@ -158,6 +158,7 @@ class DiffPruning(Method):
         self.mask: dict[str, torch.Tensor] = {}  # flat indices (remask mode: the current mask)
         self.projections: list[int] = []  # global steps at which the mask was (re)projected
         self.open_share: list[tuple[int, float]] = []  # (step, mean P(z != 0)) at each projection
+        self.selection: dict | None = None  # selection.tie_report of the last projection
 
     # ------------------------------------------------------------------ gates
     def _install(self, model, ctx) -> TrainPlan:
@@ -198,7 +199,9 @@ class DiffPruning(Method):
             scores = {n: self._diff(n).abs() for n in self._params}
         else:
             scores = {n: self._gates.log_alpha[_key(n)].detach().abs() for n in self._params}
-        return topk_entries(scores, self._k, self.opts.topk)
+        chosen = topk_entries(scores, self._k, self.opts.topk)
+        self.selection = tie_report(scores, chosen)
+        return chosen
 
     def expected_density(self) -> float:
         """Mean open probability P(z != 0) over the gated entries (the expected L0 norm / m)."""
@@ -357,4 +360,5 @@ class DiffPruning(Method):
 
     def report(self) -> dict:
         return {"projections": list(self.projections), "k": self._k, "burnin_end": self._burnin_end,
+                "selection": self.selection,
                 "expected_density": [{"step": s, "mean_open_probability": round(d, 6)} for s, d in self.open_share]}
