@@ -100,10 +100,28 @@ def _write_or_print(text: str, out: str | None) -> None:
     print(f"wrote {out}")
 
 
+def _select(results, args):
+    """--select-on SPLIT [--select-seeds SEEDS]: one grid point per row and task."""
+    from sam_peft.report.select import parse_seeds, select_on
+
+    seeds = parse_seeds(args.select_seeds) if args.select_seeds else None
+    return select_on(results, args.select_on, seeds)
+
+
+def _check_select_seeds(args) -> None:
+    from sam_peft.errors import UserError
+
+    if args.select_seeds and not args.select_on:
+        raise UserError("--select-seeds chooses among grid points: give --select-on too")
+
+
 def _cmd_table(args) -> int:
     from sam_peft.errors import UserError
     from sam_peft.report.results import load_results, warn
+    from sam_peft.report.select import render_choices
     from sam_peft.report.table import RENDERERS, build_table
+
+    _check_select_seeds(args)
 
     results = load_results(args.results_dir)
     if not results.runs and not results.planned:
@@ -112,9 +130,7 @@ def _cmd_table(args) -> int:
         warn(f"{len(results.failed())} failed run(s) are not counted")
     notes = ""
     if args.select_on:
-        from sam_peft.report.select import render_choices, select_on
-
-        results, choices = select_on(results, args.select_on)
+        results, choices = _select(results, args)
         notes = render_choices(choices, args.select_on)
         if args.format == "latex":
             notes = "".join(f"% {line}\n" for line in notes.strip().splitlines())
@@ -122,6 +138,7 @@ def _cmd_table(args) -> int:
             if notes:
                 print(notes.strip(), file=__import__("sys").stderr)
             notes = ""
+    results.warn_mixed_provenance()
     table = build_table(results, split=args.split, ddof=args.ddof)
     _write_or_print(RENDERERS[args.format](table) + notes, args.output)
     return 0
@@ -142,10 +159,9 @@ def _cmd_plot(args) -> int:
         if args.figure == "sparsity":
             plot.plot_sparsity(results, args.output, method=args.method, ddof=args.ddof)
         else:
-            st = plot.plot_stability(results, args.output, split=args.split, ddof=args.ddof)
-            print(f"Spearman rho = {st.rho:.4f}, p = {st.p:.6g} over {st.n} (method, task) cells; "
-                  f"Kendall tau-b = {st.tau:.4f}, p = {st.tau_p:.6g}; tied ranks within a task: "
-                  f"{st.tied_performance:.0%} of performance, {st.tied_stability:.0%} of stability")
+            st = plot.plot_stability(results, args.output, split=args.split, ddof=args.ddof,
+                                     keep_trivial=args.keep_trivial)
+            print("\n".join(st.lines()))
             if st.ties_dominate:
                 from sam_peft.report.results import warn
 
@@ -157,17 +173,23 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_stats(args) -> int:
-    from sam_peft.report.results import load_results
-    from sam_peft.report.stats import render_stats
+    from sam_peft.report.results import load_results, warn
+    from sam_peft.report.stats import filled_by_position, read_contrasts, render_stats
 
+    _check_select_seeds(args)
+    contrasts = read_contrasts(args.contrasts) if args.contrasts else None
     results = load_results(args.results_dir)
     notes = ""
     if args.select_on:
-        from sam_peft.report.select import render_choices, select_on
+        from sam_peft.report.select import render_choices
 
-        results, choices = select_on(results, args.select_on)
+        results, choices = _select(results, args)
         notes = render_choices(choices, args.select_on)
-    _write_or_print(render_stats(results, method=args.method, split=args.split) + notes, args.output)
+    results.warn_mixed_provenance()
+    for line in filled_by_position(results):
+        warn(f"top-k filled by position: {line}")
+    text = render_stats(results, method=args.method, split=args.split, contrasts=contrasts)
+    _write_or_print(text + notes, args.output)
     return 0
 
 
@@ -235,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--select-on", default=None, choices=splits,
                    help="per row and task, keep the grid point (e.g. SAM's burnin_steps) with the best mean "
                         "score on this split, and list the choices")
+    t.add_argument("--select-seeds", default=None, metavar="SEEDS",
+                   help="with --select-on: choose on these seeds' runs only, e.g. 0-4 (a study's tuning seeds); "
+                        "the chosen grid point's other seeds are reported too")
     t.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
     t.set_defaults(func=_cmd_table)
 
@@ -245,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--method", default="sam", help="sparsity: the method whose densities to plot")
     pl.add_argument("--split", default="test", choices=splits, help="stability: which split's major metric")
     pl.add_argument("--ddof", type=int, default=1, choices=[0, 1])
+    pl.add_argument("--keep-trivial", action="store_true",
+                    help="stability: keep the cells whose every run scored the trivial score (left out by default)")
     pl.set_defaults(func=_cmd_plot)
 
     st = sub.add_parser("stats", help="significance tests against one method, and the training-time table")
@@ -253,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--split", default="test", choices=splits)
     st.add_argument("--select-on", default=None, choices=splits,
                     help="as for table: one grid point per row and task, chosen on this split")
+    st.add_argument("--select-seeds", default=None, metavar="SEEDS", help="as for table, e.g. 0-4")
+    st.add_argument("--contrasts", default=None, metavar="FILE",
+                    help="a YAML list of pre-registered comparisons, {a: ROW, b: ROW, tasks: [...]}: test exactly "
+                         "these, Holm-adjusted over them (instead of --method against every row)")
     st.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
     st.set_defaults(func=_cmd_stats)
 

@@ -42,10 +42,13 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)  # each in [0, 1), as torch's AdamW requires
     adam_eps: float = Field(1e-8, gt=0)
-    # Warmup is a proportion of the planned run (max_steps), then linear decay to 0 at max_steps.
-    # The authors' code took 10% of a 10,000-epoch horizon; `warmup_steps` reproduces any fixed count.
+    # Warmup is a proportion of the schedule's horizon, then linear decay to 0 at its end. The
+    # horizon is max_steps, or `schedule_epochs` epochs of the train split when set: the authors'
+    # jiant script set 10,000 epochs, so its lr barely ramped within the steps that ran (it stopped
+    # at max_steps long before). `warmup_steps` sets a fixed warmup count instead of the proportion.
     warmup: float = Field(0.1, ge=0, lt=1)
     warmup_steps: int | None = Field(None, ge=0)
+    schedule_epochs: int | None = Field(None, ge=1)
     max_steps: int = Field(40000, ge=1)
     eval_every: int = Field(500, ge=1)
     patience: int = Field(40, ge=1)
@@ -87,6 +90,14 @@ class TrainConfig(Strict):
         if not all(0 <= b < 1 for b in value):
             raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
         return value
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.schedule_epochs is not None and self.warmup_steps is not None:
+            raise ConfigKeyError("train.schedule_epochs",
+                                 "key 'train.schedule_epochs': train.warmup_steps is set too; the schedule's warmup "
+                                 "is train.warmup x its horizon of schedule_epochs epochs: set one of them")
+        return self
 
     @model_validator(mode="after")
     def _scale_log_every(self):
@@ -449,7 +460,7 @@ RESULTS_VERSION = 3
 # computed before the key existed. At that value the key is left out of the run id, so a new
 # option never renames finished runs (resuming a study across versions of the code). A method
 # option is written `method.<option>` and counts for the methods that have it.
-NEUTRAL_DEFAULTS: dict[str, Any] = {}
+NEUTRAL_DEFAULTS: dict[str, Any] = {"train.schedule_epochs": None, "method.gate_head": False, "method.mix_head": False}
 
 
 def config_hash(cfg: RunConfig, n: int = 8) -> str:

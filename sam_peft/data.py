@@ -96,6 +96,34 @@ def task_paths(data_dir: str, task: str, splits=SPLITS) -> dict[str, Path]:
     return result
 
 
+def drop_examples(train: list[Example], fraction: float, seed: int) -> list[Example]:
+    """Table 2's perturbation: remove a seeded random `fraction` of the train split."""
+    if not fraction:
+        return train
+    n_drop = int(round(fraction * len(train)))
+    rng = np.random.default_rng(seed)
+    drop = set(rng.choice(len(train), size=n_drop, replace=False).tolist())
+    return [ex for i, ex in enumerate(train) if i not in drop]
+
+
+def texts_of(examples: list[Example], spec: TaskSpec) -> list[str]:
+    """Every string in the inputs (for training the `tiny` model's tokenizer)."""
+    out = []
+
+    def walk(x):
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+
+    for ex in examples:
+        walk(ex.inputs)
+    if spec.prompts:
+        out.extend(spec.prompts.values())
+    return out
+
+
 def read_split(path: Path, spec: TaskSpec, split: str) -> list[Example]:
     """Every record of one jsonl split, validated against the task."""
     spec = get_task(spec)

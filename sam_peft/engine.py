@@ -15,6 +15,7 @@ accumulates gradients and advances none of them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,14 +38,23 @@ CHECKPOINT_FORMAT = ckpt_lib.FORMAT
 CheckpointMismatch = ckpt_lib.CheckpointMismatch
 
 
-def learning_rate(step: int, base: float, max_steps: int, warmup_steps: int) -> float:
-    """Linear warmup then linear decay to 0 at max_steps (HF's linear schedule, as jiant).
+def learning_rate(step: int, base: float, horizon: int, warmup_steps: int) -> float:
+    """Linear warmup then linear decay to 0 at `horizon` (HF's linear schedule, as jiant).
 
     `step` is the number of optimizer steps already taken.
     """
     if step < warmup_steps:
         return base * step / max(1, warmup_steps)
-    return base * max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+    return base * max(0.0, (horizon - step) / max(1, horizon - warmup_steps))
+
+
+def schedule(t, batches_per_epoch: int) -> tuple[int, int]:
+    """(horizon, warmup steps) of a TrainConfig: the horizon is max_steps, or schedule_epochs
+    epochs of batches_per_epoch (ceil(n_train / batch_size)) steps whatever max_steps is; the
+    warmup is warmup_steps, else round(warmup x horizon)."""
+    horizon = t.max_steps if t.schedule_epochs is None else t.schedule_epochs * batches_per_epoch
+    warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup * horizon)
+    return horizon, warmup
 
 
 # ------------------------------------------------------------------------ what methods see
@@ -255,7 +265,6 @@ class Trainer:
         self.checkpoint = checkpoint  # called with checkpoint.capture(...) every train.checkpoint_every
         self.step = 0  # training steps: weight updates (the schedule, eval cadence and limits count these)
         self.scoring_steps = 0  # scoring batches: forward/backward without an update
-        self.warmup_steps = self.t.warmup_steps if self.t.warmup_steps is not None else round(self.t.warmup * self.t.max_steps)
         self.autocast_dtype = autocast_dtype(self.t.precision, self.device)
         self.batches = TrainStream(data, self.t.batch_size, self.seed, self.t.group_by_length, self.device)
         self.optimizer: PlanOptimizer | None = None
@@ -264,6 +273,20 @@ class Trainer:
         self._progress_on, self.desc = progress, desc
         if self.t.compile and self.device.type == "cuda":
             self.model.encoder.forward = torch.compile(self.model.encoder.forward, dynamic=True)
+
+    @functools.cached_property
+    def _schedule(self) -> tuple[int, int]:
+        # Built when first needed: `sam-peft eval` has no train split to count epochs of.
+        return schedule(self.t, self.batches.batches_per_epoch if self.t.schedule_epochs else 0)
+
+    @property
+    def horizon(self) -> int:
+        """The step at which the learning rate has decayed to 0 (schedule())."""
+        return self._schedule[0]
+
+    @property
+    def warmup_steps(self) -> int:
+        return self._schedule[1]
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -307,7 +330,7 @@ class Trainer:
         extra = method.extra_loss(model)
         (loss if extra is None else loss + extra).backward()
         method.after_backward(model, self.step)
-        lr = learning_rate(self.step, self.t.lr, self.t.max_steps, self.warmup_steps)
+        lr = learning_rate(self.step, self.t.lr, self.horizon, self.warmup_steps)
         self.optimizer.step(lr)
         for p in model.parameters():  # also tensors that train nowhere (e.g. empty selections)
             p.grad = None
@@ -422,7 +445,7 @@ class Trainer:
         train_loss = st.mean_loss()
         improved = st.observe(self.step, val, lambda: ckpt_lib.snapshot(self.model, self.params, plan, self.method))
         self.log_eval({"step": self.step, "train_loss": train_loss,
-                       "lr": learning_rate(self.step, t.lr, t.max_steps, self.warmup_steps),
+                       "lr": learning_rate(self.step, t.lr, self.horizon, self.warmup_steps),
                        "val": val, "best": improved})
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss is {train_loss} at step {self.step}")

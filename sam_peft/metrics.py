@@ -100,3 +100,18 @@ def compute(task: str | TaskSpec, predictions, labels) -> dict:
     if len(labels) == 0:
         raise ValueError(f"{spec.name}: no predictions to score")
     return METRICS[spec.metric](predictions, labels)
+
+
+def trivial(task: str | TaskSpec, train_labels, labels) -> float:
+    """The major metric of a constant prediction: the train split's majority class (ties: the
+    smallest class id), or for regression the train mean, which correlates with nothing (0).
+    A run whose score equals it has learned nothing measurable on that split (MRPC's 74.80:
+    always "paraphrase")."""
+    spec = get_task(task)
+    train = np.asarray(train_labels)
+    if spec.kind == "regression":
+        constant = float(train.mean())
+    else:
+        values, counts = np.unique(train, return_counts=True)
+        constant = values[np.argmax(counts)]  # np.unique sorts: the first maximum is the smallest id
+    return compute(spec, np.full(len(labels), constant), labels)["major"]

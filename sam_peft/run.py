@@ -25,8 +25,9 @@ import torch
 import sam_peft
 from sam_peft import checkpoint as ckpt_lib
 from sam_peft import delta as delta_lib
+from sam_peft import metrics as metrics_lib
 from sam_peft.config import RunConfig, config_dict, config_hash
-from sam_peft.data import Example, check_text, encode, load_splits, resolve_data_dir
+from sam_peft.data import check_text, drop_examples, encode, load_splits, resolve_data_dir, texts_of
 from sam_peft.device import machine, resolve_device, resolved_precision
 from sam_peft.engine import CheckpointMismatch, TaskData, Trainer, eligible_names, head_names
 from sam_peft.errors import UserError
@@ -37,16 +38,6 @@ from sam_peft.model import TaskModel, load_backbone
 from sam_peft.params import GROUPS, param_group, param_kinds
 from sam_peft.rundir import RunDir
 from sam_peft.tasks import TaskSpec, get_task
-
-
-def drop_examples(train: list[Example], fraction: float, seed: int) -> list[Example]:
-    """Table 2's perturbation: remove a seeded random `fraction` of the train split."""
-    if not fraction:
-        return train
-    n_drop = int(round(fraction * len(train)))
-    rng = np.random.default_rng(seed)
-    drop = set(rng.choice(len(train), size=n_drop, replace=False).tolist())
-    return [ex for i, ex in enumerate(train) if i not in drop]
 
 
 # Encoders whose position table starts at padding_idx + 1 (RoBERTa's scheme, from fairseq): that
@@ -94,24 +85,6 @@ def check_density(cfg: RunConfig, model, eligible: list[str]) -> None:
     if m and budget(density, m) == 0:
         raise UserError(f"method.density {density}: floor(p*m) is 0 for the m = {m:,} eligible entries of "
                         f"'{cfg.model}', so no entry would train; use at least {1 / m:.3g}")
-
-
-def texts_of(examples: list[Example], spec: TaskSpec) -> list[str]:
-    """Every string in the inputs (for training the `tiny` model's tokenizer)."""
-    out = []
-
-    def walk(x):
-        if isinstance(x, str):
-            out.append(x)
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-
-    for ex in examples:
-        walk(ex.inputs)
-    if spec.prompts:
-        out.extend(spec.prompts.values())
-    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -369,15 +342,22 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
     metrics = {"val": trainer.evaluate("val"), "test": trainer.evaluate("test"),
                "train": trainer.evaluate("train", cfg.train.train_eval_subset)}
     eval_final_s = time.perf_counter() - t_eval
+    train_labels = built.data.labels("train")
+    trivial = {split: metrics_lib.trivial(built.spec, train_labels,
+                                          built.data.labels(split)[:cfg.train.train_eval_subset if split == "train"
+                                                                   else None])
+               for split in metrics}
 
     tensors, counts = delta_lib.build(model, trainer.theta0, built.base_names)
     plan = fit.plan
     params = dict(model.named_parameters())
     heads = set(head_names(model))
-    n_head = sum(params[n].numel() for n in heads) if plan.train_head else 0
+    # The head trains whole, or (DiffPruning's gate_head) at chosen entries of its tensors.
+    n_head = (sum(params[n].numel() for n in heads) if plan.train_head
+              else sum(int(i.numel()) for n, i in plan.sparse.items() if n in heads))
     n_dense_eligible = sum(params[n].numel() for n in plan.dense if n in trainer.theta0)
     n_added = sum(params[n].numel() for n in plan.dense if n not in trainer.theta0 and n not in heads)
-    n_sparse = sum(int(i.numel()) for i in plan.sparse.values())
+    n_sparse = sum(int(i.numel()) for n, i in plan.sparse.items() if n not in heads)
     meta = {
         "base_model": cfg.model,
         "task": cfg.task,
@@ -396,6 +376,7 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
         **base,
         "status": "done",
         "metrics": metrics,
+        "trivial": trivial,  # each split's score of a constant prediction (metrics.trivial)
         "n_params": sum(p.numel() for p in trainer.theta0.values()),
         "n_trainable": n_dense_eligible + n_sparse + n_added,
         "n_trainable_eligible": n_dense_eligible + n_sparse,

@@ -14,6 +14,9 @@ run_sweep() {
     status=0
     sam-peft sweep "$config" output_dir="$out/runs" "$@" || status=$?
     if [ "$status" -eq 2 ]; then exit 2; fi  # bad input: nothing ran
+    for arg in "$@"; do  # a dry run lists the runs and writes nothing: no tables to write either
+        if [ "$arg" = "--dry-run" ]; then exit "$status"; fi
+    done
 }
 
 # table.md, table.tex, table.csv under $out; extra arguments go to `sam-peft table`

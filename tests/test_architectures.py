@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from arch_models import FAMILIES, save_tiny_encoder
+from sam_peft import data as data_lib
 from sam_peft import delta as delta_lib
 from sam_peft import run as run_lib
 from sam_peft.arch import ARCHITECTURES, ROLES, layers_of
@@ -46,7 +47,7 @@ def test_the_table_covers_the_families_tested_here():
 def checkpoints(tmp_path_factory):
     """model_type -> folder of a tiny checkpoint whose tokenizer saw the task's texts."""
     spec = get_task(TASK)
-    texts = run_lib.texts_of(load_splits(demo_data_dir(), spec, splits=("train",))["train"], spec)
+    texts = data_lib.texts_of(load_splits(demo_data_dir(), spec, splits=("train",))["train"], spec)
     root = tmp_path_factory.mktemp("checkpoints")
     return {mt: save_tiny_encoder(mt, root / mt, texts) for mt in FAMILIES}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from scipy.stats import kendalltau, mannwhitneyu, rankdata, spearmanr, ttest_ind
+from scipy.stats import kendalltau, levene, mannwhitneyu, rankdata, spearmanr, ttest_ind
 
 from sam_peft import cli
 from sam_peft.report.results import load_results
@@ -285,10 +285,22 @@ def test_stats_equal_scipy(tmp_path, capsys):
     # medians of wall time (10, 20, 30 s) and steps (100, 200, 300) per cell
     assert time_table(results)[("SAM", "cola")] == (20.0, 200.0, 3)
 
+    # Holm over the 4 comparisons shown, each Welch CI from scipy, Brown-Forsythe from scipy.
+    pvals = {key: ttest_ind(CELLS[("sam", key[0])], CELLS[({"FullTuning": "full", "BitFit": "bitfit"}[key[1]], key[0])],
+                            equal_var=False).pvalue for key in comparisons}
+    ordered = sorted(pvals.values())
+    holm_expected = np.maximum.accumulate([min(1.0, (4 - i) * p) for i, p in enumerate(ordered)])
+    for key, c in comparisons.items():
+        assert c.t_p_holm == pytest.approx(holm_expected[ordered.index(pvals[key])])
     assert cli.main(["stats", str(root), "--method", "sam"]) == 0
     out = capsys.readouterr().out
     welch = ttest_ind(CELLS[("sam", "cola")], CELLS[("full", "cola")], equal_var=False)
-    assert f"| FullTuning | 3 | 62.00 | 3 | 64.00 | +2.00 | {welch.statistic:.3f} | {welch.pvalue:.3g} |" in out
+    low, high = welch.confidence_interval(0.95)
+    bf = levene(CELLS[("sam", "cola")], CELLS[("full", "cola")], center="median")
+    c = comparisons[("cola", "FullTuning")]
+    assert (f"| SAM | FullTuning | 3/3 | 64.00 ± 1.00 | 62.00 ± 2.00 | +2.00 [{low:+.2f}, {high:+.2f}] | "
+            f"{welch.statistic:.3f} | {welch.pvalue:.3g} | {c.t_p_holm:.3g} |") in out
+    assert f"| 2.00 | {bf.pvalue:.3g} | {c.bf_p_holm:.3g} |" in out
     assert "| SAM | 20.0 s, 200 steps | 20.0 s, 200 steps |" in out
 
     assert cli.main(["stats", str(root), "--method", "lora"]) == 2
@@ -365,8 +377,8 @@ def test_stats_treat_every_cell_without_variance_alike(tmp_path, capsys):
     assert cli.main(["stats", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "nan" not in out
-    assert "| FullTuning | 3 | 0.00 | 3 | 0.00 | +0.00 | - | - | 4.5 | 1 |" in out
-    assert "| FullTuning | 3 | 58.33 | 3 | 58.33 | +0.00 | - | - | 4.5 | 1 |" in out
+    assert "| SAM | FullTuning | 3/3 | 0.00 ± 0.00 | 0.00 ± 0.00 | +0.00 | - | - | - | 4.5 | 1 | 1.00 | - | - |" in out
+    assert "| SAM | FullTuning | 3/3 | 58.33 ± 0.00 | 58.33 ± 0.00 | +0.00 | - | - | - | 4.5 | 1 | 1.00 | - | - |" in out
     assert "no run of either side scored differently" in out
 
 
@@ -422,3 +434,195 @@ def test_sparsity_ticks_are_the_densities_and_do_not_overlap(tmp_path, monkeypat
     assert [t.get_text() for t in labels] == ["0.002", "0.003", "0.004", "0.005", "0.007"]
     boxes = [t.get_window_extent() for t in labels]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+# ---------------------------------------------------------------- statistics fit for claims
+
+
+def test_holm_adjusts_step_down_and_keeps_order():
+    from sam_peft.report.stats import holm
+
+    # m = 4 defined p-values: 0.01*4, 0.02*3, 0.03*2 -> 0.06 stays monotone, 0.5*1.
+    assert holm([0.03, None, 0.01, 0.5, 0.02]) == [pytest.approx(0.06), None, pytest.approx(0.04), 0.5,
+                                                   pytest.approx(0.06)]
+    assert holm([0.9, 0.8]) == [1.0, 1.0]
+    assert holm([]) == []
+
+
+def test_detectable_std_ratio_has_the_stated_power():
+    from scipy.stats import f as f_dist
+
+    from sam_peft.report.stats import detectable_std_ratio
+
+    r5, r10 = detectable_std_ratio(5, 5), detectable_std_ratio(10, 10)
+    assert r5 > r10 > detectable_std_ratio(30, 30) > 1 and detectable_std_ratio(1, 5) is None
+    # Simulated: normal samples whose stds differ by that ratio; the two-sided 5% F test rejects
+    # about 80% of the time.
+    rng = np.random.default_rng(0)
+    lo, hi = f_dist.ppf(0.025, 9, 9), f_dist.ppf(0.975, 9, 9)
+    a = rng.normal(0, r10, (20000, 10)).var(axis=1, ddof=1)
+    b = rng.normal(0, 1, (20000, 10)).var(axis=1, ddof=1)
+    power = np.mean((a / b > hi) | (a / b < lo))
+    assert power == pytest.approx(0.8, abs=0.015)
+
+
+def _trivial_runs(root, method, task, values, trivial, seeds=None, extra=None):
+    for seed, v in zip(seeds or range(len(values)), values):
+        write_run(root, method, task, seed, float(v), extra={"trivial": {"test": trivial, "val": trivial,
+                                                                         "train": trivial}, **(extra or {})})
+
+
+def test_contrasts_file_fixes_the_family(tmp_path, capsys):
+    root = tmp_path / "runs"
+    cells = {("sam", "rte"): [71, 72, 74, 70], ("random", "rte"): [60, 65, 62, 61], ("full", "rte"): [73, 75, 71, 72],
+             ("bitfit", "rte"): [50, 52, 51, 55]}
+    for (m, t), v in cells.items():
+        _trivial_runs(root, m, t, v, 50.0)
+    spec = tmp_path / "contrasts.yaml"
+    spec.write_text("# the family\n- {a: SAM, b: Random, tasks: [rte]}\n- {a: sam, b: full}\n")
+    assert cli.main(["stats", str(root), "--contrasts", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "Pre-registered contrasts" in out and "BitFit" not in out.split("## Training time")[0]
+    rows = [line for line in out.split("## Training time")[0].splitlines() if line.startswith("| SAM |")]
+    assert len(rows) == 2
+    p = [ttest_ind(cells[("sam", "rte")], cells[(m, "rte")], equal_var=False).pvalue for m in ("random", "full")]
+    holm = sorted([(min(1, 2 * min(p)), min(p)), (max(min(1, 2 * min(p)), max(p)), max(p))])
+    adjusted = {raw: adj for adj, raw in holm}
+    for row, raw in zip(rows, p):
+        cols = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cols[7]) == pytest.approx(raw, rel=1e-2) and float(cols[8]) == pytest.approx(adjusted[raw], rel=1e-2)
+    assert "over the pre-registered contrasts with a p (2)" in out
+
+    for text, needle in [("- {a: SAM, b: LoRA}\n", "contrasts.yaml:1: row 'LoRA': no such row"),
+                         ("- {a: SAM, c: Random}\n", "contrasts.yaml:1: unknown key 'c'"),
+                         ("- {a: SAM, b: SAM}\n", "a and b are the same row"),
+                         ("- {a: SAM, b: Random, tasks: [rtee]}\n", "contrasts.yaml:1: unknown task 'rtee'"),
+                         ("- [SAM\n", "contrasts.yaml:2: invalid YAML"),
+                         ("a: SAM\n", "expected a list of contrasts")]:
+        spec.write_text(text)
+        assert cli.main(["stats", str(root), "--contrasts", str(spec)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_trivial_cells_are_marked_in_table_and_stats(tmp_path, capsys):
+    root = tmp_path / "runs"
+    _trivial_runs(root, "sam", "mrpc", [74.8, 74.8, 74.8], 74.8)  # every run at the majority class
+    _trivial_runs(root, "full", "mrpc", [74.8, 77.0, 78.0], 74.8)  # one run at it: not a trivial cell
+    assert cli.main(["table", str(root)]) == 0
+    out = capsys.readouterr().out
+    texts = cell_texts(out)
+    assert texts["SAM"][0].startswith("74.80†±0.00") and "†" not in texts["FullTuning"][0]
+    assert "†: every run of the cell scored the trivial score" in out
+    assert cli.main(["table", str(root), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["method"]: r["MRPC_trivial"] for r in rows} == {"FullTuning": "0", "SAM": "1"}
+    assert cli.main(["table", str(root), "--format", "latex"]) == 0
+    assert r"74.80$^\dagger$" in capsys.readouterr().out
+    assert cli.main(["stats", str(root)]) == 0
+    assert "| SAM | FullTuning | 3/3 | 74.80† ± 0.00 | 76.60 ± 1.64 |" in capsys.readouterr().out
+
+
+def test_trivial_score_of_runs_that_predate_it_comes_from_their_data(tmp_path):
+    # A run made before result.json recorded `trivial`: its config's data_dir gives it.
+    from sam_peft import metrics
+    from sam_peft.data import demo_data_dir, load_splits
+
+    splits = load_splits(demo_data_dir(), "rte", ("train", "test"))
+    expected = metrics.trivial("rte", [e.label for e in splits["train"]], [e.label for e in splits["test"]])
+    d = write_run(tmp_path, "sam", "rte", 0, expected)
+    (d / "config.yaml").write_text(yaml.safe_dump({"task": "rte", "data_dir": "demo", "method": {"name": "sam"}}))
+    run = load_results(tmp_path).runs[0]
+    assert run.trivial("test") == pytest.approx(expected) and run.at_trivial("test")
+    (d / "config.yaml").write_text(yaml.safe_dump({"task": "rte", "data_dir": str(tmp_path / "none")}))
+    assert load_results(tmp_path).runs[0].trivial("test") is None  # no data at hand: unknown, not trivial
+
+
+def test_metrics_trivial_is_a_constant_prediction():
+    from sam_peft import metrics
+
+    assert metrics.trivial("stsb", [1.0, 2.0, 5.0], [0.5, 3.0, 4.0]) == 0.0
+    # MRPC: majority "1" in train; on [1, 1, 0, 1]: acc 0.75, F1 6/7.
+    assert metrics.trivial("mrpc", [1, 1, 0], [1, 1, 0, 1]) == pytest.approx(100 * (0.75 + 6 / 7) / 2)
+    assert metrics.trivial("rte", [0, 1], [1, 1, 0]) == pytest.approx(100 / 3)  # a tie: the smallest class id
+
+
+def test_table_and_stats_warn_when_a_cell_mixes_machines_or_precisions(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed, (device, precision) in enumerate([("Xeon", "bf16"), ("Xeon", "bf16"), ("EPYC", "fp32")]):
+        write_run(root, "sam", "rte", seed, 70.0 + seed, extra={"machine": {"device": device}, "precision": precision})
+    for seed in range(2):
+        write_run(root, "full", "rte", seed, 70.0 + seed, extra={"machine": {"device": "Xeon"}, "precision": "fp32"})
+    write_run(root, "full", "rte", 2, 73.0)  # an old run: unknown machine and precision
+    assert cli.main(["table", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert "SAM / rte mixes machines: 2 on Xeon, 1 on EPYC" in err
+    assert "SAM / rte mixes precisions: 2 on bf16, 1 on fp32" in err
+    assert "FullTuning / rte mixes machines: 2 on Xeon, 1 on unknown" in err
+    assert cli.main(["stats", str(root)]) == 0
+    assert "SAM / rte mixes precisions" in capsys.readouterr().err
+
+
+def test_select_seeds_keeps_later_seeds_out_of_the_choice(tmp_path, capsys):
+    """lr 0.001 wins on val over seeds 0-1; seeds 2-3 (added at that lr only) are worse on val, and
+    would flip the choice if they chose; with --select-seeds 0-1 they only join the report."""
+    runs = tmp_path / "runs"
+    plan = []
+    cells = {("0.001", 0): 80, ("0.001", 1): 82, ("0.01", 0): 79, ("0.01", 1): 80, ("0.001", 2): 60, ("0.001", 3): 62}
+    for (lr, seed), val in cells.items():
+        label = f"SAM lr={lr}"
+        d = write_run(runs, "sam", "rte", seed, float(val) - 10, label=label, density=float(lr))
+        result = json.loads((d / "result.json").read_text())
+        result["metrics"]["val"]["major"] = val
+        (d / "result.json").write_text(json.dumps(result))
+        plan.append({"run_id": result["run_id"], "task": "rte", "method": "sam", "seed": seed, "label": label,
+                     "row": "SAM", "grid": {"train.lr": float(lr)}})
+    (runs / "sweep.json").write_text(json.dumps({"runs": plan}))
+    assert cli.main(["table", str(runs), "--format", "csv", "--select-on", "val"]) == 0
+    got = dict(zip(*list(csv.reader(io.StringIO(capsys.readouterr().out)))[:2]))
+    assert float(got["RTE_n"]) == 2  # all four seeds chose: lr 0.01 (79.5 > 71.0)
+    assert cli.main(["table", str(runs), "--format", "csv", "--select-on", "val", "--select-seeds", "0-1"]) == 0
+    out = capsys.readouterr()
+    got = dict(zip(*list(csv.reader(io.StringIO(out.out)))[:2]))
+    assert float(got["RTE_n"]) == 4 and float(got["RTE_mean"]) == pytest.approx(61.0)  # lr 0.001, all 4 seeds
+    assert "SAM / rte: lr=0.001 (mean val 81.00 over 2 runs" in out.err
+    assert cli.main(["table", str(runs), "--select-seeds", "0-1"]) == 2
+    assert "--select-seeds chooses among grid points" in capsys.readouterr().err
+    assert cli.main(["stats", str(runs), "--select-on", "val", "--select-seeds", "0-x"]) == 2
+    assert "--select-seeds '0-x'" in capsys.readouterr().err
+
+
+def test_stats_warn_about_selections_filled_by_position(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(root, "sam", "rte", 0, 70.0, extra={"n_chosen_without_positive_score": 12, "n_positive_scores": 88})
+    write_run(root, "sam", "rte", 1, 71.0, extra={"n_chosen_without_positive_score": 0, "n_positive_scores": 500})
+    write_run(root, "full", "rte", 0, 72.0)
+    assert cli.main(["stats", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "Selections that top-k filled by position" in captured.out
+    assert "12 of its chosen entries had no positive score (88 eligible entries scored above 0)" in captured.out
+    assert captured.err.count("top-k filled by position") == 1
+
+
+def test_fig3b_per_task_leaves_out_trivial_cells_and_says_what_each_task_does(tmp_path, capsys):
+    root = tmp_path / "runs"
+    # cola: four informative cells, perfectly concordant (better mean, smaller std).
+    for m, vals in {"full": [70, 72, 74], "bitfit": [60, 64, 68], "sam": [50, 56, 62], "random": [40, 48, 56]}.items():
+        _trivial_runs(root, m, "cola", vals, 0.0)
+    # mrpc: two informative cells and two stuck at the majority class (std 0, the best stability).
+    for m, vals in {"full": [78, 80, 82], "bitfit": [75, 79, 83]}.items():
+        _trivial_runs(root, m, "mrpc", vals, 74.8)
+    for m in ("sam", "random"):
+        _trivial_runs(root, m, "mrpc", [74.8] * 3, 74.8)
+    assert cli.main(["plot", "stability", str(root), "-o", str(tmp_path / "f.png")]) == 0
+    out = capsys.readouterr().out
+    assert "over 6 (method, task) cells" in out and "left out: 2 cell(s)" in out
+    assert "  CoLA: rho = 1.0000" in out and "  MRPC: rho = n/a" in out  # two cells: no rho
+    assert re.search(r"without MRPC: pooled rho = 1\.0000 \(change [+-]\d", out)
+    assert cli.main(["plot", "stability", str(root), "-o", str(tmp_path / "g.png"), "--keep-trivial"]) == 0
+    kept = capsys.readouterr().out
+    assert "over 8 (method, task) cells" in kept and "left out" not in kept
+    # The stuck cells rank best on stability and worst on performance: they pull rho down.
+    rho_kept = float(re.search(r"Spearman rho = (-?[\d.]+)", kept).group(1))
+    rho = float(re.search(r"Spearman rho = (-?[\d.]+)", out).group(1))
+    assert rho_kept < rho

@@ -220,7 +220,8 @@ def test_missing_data_stops_the_sweep_before_any_run(tmp_path, capsys, monkeypat
 
 PAPER_SWEEPS = [("table1.yaml", 1610), ("table2.yaml", 1610), ("sparsity.yaml", 700), ("projection.yaml", 1),
                 ("demo.yaml", 210), ("standin.yaml", 165), ("standin_sparsity.yaml", 15),
-                ("standin_table2.yaml", 25), ("gpu_study.yaml", 210)]
+                ("standin_table2.yaml", 25), ("gpu_study.yaml", 210), ("table1_authors.yaml", 1120),
+                ("table2_authors.yaml", 1120), ("lr_study.yaml", 95), ("demo_lr_grid.yaml", 32)]
 RUN_CONFIGS = ["demo_run.yaml", "paper.yaml"]
 
 

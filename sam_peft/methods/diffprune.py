@@ -44,6 +44,10 @@ pass gives dL/dtheta there, and `after_backward` carries it on to w and log_alph
 (autograd), then puts theta0 back. The eligible parameters keep their names, and hold theta0
 between steps.
 
+`gate_head: true` (the authors' code): the task head is gated, trained through its diff and
+projected too, each head tensor to int(p * numel) entries, so a tiny out_proj.bias keeps none and
+stays at its random init; the encoder's budget stays floor(p*m) over the eligible entries.
+
 Other authors'-code values, as options: `stretch: [-3, 3]`, `alpha_init: sigmoid_randn`
 (sigmoid of a standard normal draw per entry).
 """
@@ -61,7 +65,7 @@ from torch import nn
 from sam_peft.methods import register_method
 from sam_peft.methods.base import Method, OwnGroup, SparseOptions, TrainPlan
 from sam_peft.params import no_decay_names
-from sam_peft.selection import tie_report, topk_entries
+from sam_peft.selection import tie_report, topk_entries, topk_flat
 
 L0_LAMBDA_DEFAULT = {"sum": 1.25e-7, "mean": 1.0}  # Guo et al.'s per-entry weight; the authors' code
 
@@ -77,6 +81,11 @@ class DiffPruneOptions(SparseOptions):
     per_tensor_alpha: bool = False
     project_by: Literal["magnitude", "alpha"] = "magnitude"
     remask_every: int | None = Field(None, ge=1)
+    # true: the task head is gated and projected too, as in the paper authors' code: each head
+    # tensor keeps int(p * numel) entries (so a 1- to 3-entry out_proj.bias keeps none and stays at
+    # its random init), and the head trains only through its gated diff. false (default, Guo et
+    # al.): the head trains densely beside the gated encoder, as every other method's does.
+    gate_head: bool = False
 
     @field_validator("stretch")
     @classmethod
@@ -148,7 +157,8 @@ class DiffPruning(Method):
 
     def __init__(self, opts):
         super().__init__(opts)
-        self._params: dict[str, nn.Parameter] = {}
+        self._params: dict[str, nn.Parameter] = {}  # the gated tensors: eligible ones (and the head's)
+        self._head: list[str] = []  # head tensors among them (gate_head)
         self._theta0: dict[str, torch.Tensor] = {}
         self._gates: Gates | None = None  # present while the gated parametrization is on
         self._pending: dict[str, torch.Tensor] = {}  # z * w of the current step (with its graph)
@@ -171,9 +181,11 @@ class DiffPruning(Method):
         # The diffs decay as their tensors would (not biases and LayerNorms), as Guo et al.'s no_decay.
         base_no_decay = {_key(n) for n in no_decay_names(model) if n in self._params}
         w_no_decay = [n for n in w_names if n.removeprefix("diffprune.w.") in base_no_decay]
+        # A gated head trains through its diff only (its gates decide which entries survive).
+        train_head = not self.opts.gate_head
         if self.opts.alpha_lr is None:  # the authors' code: gate logits in the main optimizer
-            return TrainPlan(dense=w_names + alpha_names, no_decay=w_no_decay)
-        return TrainPlan(dense=w_names, no_decay=w_no_decay,
+            return TrainPlan(dense=w_names + alpha_names, no_decay=w_no_decay, train_head=train_head)
+        return TrainPlan(dense=w_names, no_decay=w_no_decay, train_head=train_head,
                          groups=[OwnGroup(alpha_names, lr=self.opts.alpha_lr, weight_decay=0.0)])
 
     def _remove(self, model) -> None:
@@ -199,8 +211,11 @@ class DiffPruning(Method):
             scores = {n: self._diff(n).abs() for n in self._params}
         else:
             scores = {n: self._gates.log_alpha[_key(n)].detach().abs() for n in self._params}
-        chosen = topk_entries(scores, self._k, self.opts.topk)
-        self.selection = tie_report(scores, chosen)
+        encoder = {n: sc for n, sc in scores.items() if n not in self._head}
+        chosen = topk_entries(encoder, self._k, self.opts.topk)
+        self.selection = tie_report(encoder, chosen)
+        for n in self._head:  # gate_head: the authors' int(p * numel) per head tensor
+            chosen[n] = topk_flat(scores[n], int(self.opts.density * scores[n].numel()))
         return chosen
 
     def expected_density(self) -> float:
@@ -234,6 +249,11 @@ class DiffPruning(Method):
     def select(self, model, ctx) -> TrainPlan:
         self._params = dict(ctx.eligible)
         self._theta0 = ctx.theta0
+        if self.opts.gate_head:
+            params = dict(model.named_parameters())
+            self._head = list(ctx.head)
+            self._params.update({n: params[n] for n in self._head})
+            self._theta0 = {**ctx.theta0, **{n: params[n].detach().clone() for n in self._head}}
         self._k = ctx.budget(self.opts.density)
         self._generator = torch.Generator(device=ctx.device).manual_seed(104_729 * ctx.seed + 3)
         gated = self._install(model, ctx)
@@ -243,7 +263,7 @@ class DiffPruning(Method):
         if self.opts.remask_every is None:
             self._write_masked()
             self._remove(model)
-            return TrainPlan(sparse=self.mask)
+            return TrainPlan(sparse=self.mask, train_head=not self.opts.gate_head)
         self._zero_outside_mask()
         return gated
 

@@ -15,6 +15,12 @@ implementation does (bloodwass/mixout: mixout.py's Mixout function, MixLinear):
 - the encoder's dropout is set to 0 (their examples replace every Dropout by Dropout(0) when
   Mixout is used); `keep_dropout: true` keeps it.
 
+`mix_head: true` is the other reading of Lee et al.'s Hugging Face example, which sets every
+Dropout of the model to 0 and mixes every nn.Linear, the classifier included: the task head's
+Linear weights are then mixed too (towards their initial values, the only "pretrained" value a
+new head has) and the head's dropout is 0 as well. The default mixes and un-drops the encoder
+only, the pretrained part that Mixout regularises towards.
+
 `p` (0.9): the swap probability; the paper does not state it, 0.9 is Lee et al.'s value for
 large models.
 
@@ -33,7 +39,7 @@ import zlib
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sam_peft.methods import register_method
 from sam_peft.methods.base import Method, MethodOptions, TrainPlan
@@ -45,6 +51,14 @@ class MixoutOptions(MethodOptions):
     mode: Literal["train", "eval_reset"] = "train"
     mask: Literal["column", "entry"] = "column"
     keep_dropout: bool = False
+    mix_head: bool = False
+
+    @model_validator(mode="after")
+    def _mix_head_mixes(self):
+        if self.mix_head and self.mode != "train":
+            raise ValueError("mix_head: true mixes the head's Linear weights during training; mode eval_reset "
+                             "mixes nothing then")
+        return self
 
 
 def mix(w: torch.Tensor, w0: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
@@ -76,12 +90,18 @@ class Mixout(Method):
 
     def wrap(self, model) -> None:
         if self.opts.mode == "train" and not self.opts.keep_dropout:
-            for module in model.encoder.modules():
+            for module in (model if self.opts.mix_head else model.encoder).modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
 
     def select(self, model, ctx) -> TrainPlan:
-        self._attach(dict(ctx.eligible), ctx.theta0, ctx.seed, ctx.device)
+        params, theta0 = dict(ctx.eligible), ctx.theta0
+        if self.opts.mix_head:  # the head's Linear weights mix towards their initial values
+            named = dict(model.named_parameters())
+            head = [n for n in ctx.head if n in linear_weight_names(model)]
+            params.update({n: named[n] for n in head})
+            theta0 = {**theta0, **{n: named[n].detach().clone() for n in head}}
+        self._attach(params, theta0, ctx.seed, ctx.device)
         self._mixed = [n for n in self._params if n in linear_weight_names(model)]
         return ctx.full_plan()
 

@@ -2,9 +2,11 @@
 
 - sparsity (Fig. 3a): one method (SAM by default) at several densities: the mean and the std of
   the test and train major metric against the density p (log scale), one line per task.
-- stability (Fig. 3b): one point per (method, task) cell with at least two runs: its performance
-  rank (rank of the mean within its task; 1 = best) against its stability rank (rank of the std;
-  1 = most stable), the same ranks as the table; Spearman's rho over all cells (scipy).
+- stability (Fig. 3b): one point per (method, task) cell with at least two runs, labelled with its
+  method: its performance rank (rank of the mean within its task; 1 = best) against its stability
+  rank (rank of the std; 1 = most stable), ranked as the table ranks; Spearman's rho and Kendall's
+  tau-b pooled, Spearman's rho per task, and the pooled rho without each task (scipy). Cells whose
+  every run sat at the trivial score are left out unless asked for (then drawn with an x).
 - curve (Fig. 4): one run's training loss (train_log.jsonl) against the step, the method's
   re-projection steps (result.json method_report.projections) and the end of the burn-in as
   vertical lines, and the validation metric (metrics.jsonl) on a second axis.
@@ -14,17 +16,17 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import kendalltau, spearmanr
+from scipy.stats import kendalltau, rankdata, spearmanr
 
 from sam_peft.errors import UserError
 from sam_peft.io import atomic_path, make_folder
 from sam_peft.report.names import method_display, task_display
 from sam_peft.report.results import Results, load_results, read_json, read_jsonl
-from sam_peft.report.table import AVG, build_table, mean_std
+from sam_peft.report.table import DECIMALS, build_table, mean_std
 
 FORMATS = {".png": "png", ".pdf": "pdf"}
 
@@ -127,24 +129,55 @@ def plot_sparsity(results: Results, out: str | Path, method: str = "sam", ddof: 
 # ---------------------------------------------------------------- Fig. 3b
 
 
-def stability_ranks(results: Results, split: str = "test", ddof: int = 1):
-    """(labels, tasks, performance ranks, stability ranks) of every cell that has both ranks."""
+@dataclass
+class StabilityCell:
+    label: str
+    task: str
+    perf: int  # rank of the mean within its task (1 = best)
+    stab: int  # rank of the std within its task (1 = most stable)
+    trivial: bool  # every run at the trivial score (a constant prediction)
+
+
+def stability_cells(results: Results, split: str = "test", ddof: int = 1,
+                    keep_trivial: bool = False) -> tuple[list[StabilityCell], int]:
+    """The cells of Fig. 3b (2+ finished runs) with their ranks within each task, as the table ranks
+    (rankdata "min" on the printed numbers), and how many trivial cells were left out. A cell whose
+    every run sat at the trivial score has a std that says nothing about stability (runs that all
+    predict one class agree perfectly): it is left out, and the ranks are taken among the cells
+    kept, unless `keep_trivial`."""
     table = build_table(results, split, ddof)
-    cells = [(row, task, table.cells[(row, task)]) for row in table.rows for task in table.tasks
-             if task != AVG]
-    cells = [(row, task, c) for row, task, c in cells if c.mean_rank is not None and c.std_rank is not None]
-    if len(cells) < 3:
+    cells = [(row, task, table.cells[(row, task)]) for row in table.rows for task in table.tasks]
+    cells = [(row, task, c) for row, task, c in cells if c.mean is not None and c.std is not None]
+    excluded = 0 if keep_trivial else sum(c.trivial for _, _, c in cells)
+    if not keep_trivial:
+        cells = [(row, task, c) for row, task, c in cells if not c.trivial]
+    out = []
+    for task in table.tasks:
+        here = [(row, c) for row, t, c in cells if t == task]
+        if not here:
+            continue
+        perf = rankdata([-round(c.mean, DECIMALS) for _, c in here], method="min")
+        stab = rankdata([round(c.std, DECIMALS) for _, c in here], method="min")
+        out += [StabilityCell(row, task, int(p), int(q), c.trivial) for (row, c), p, q in zip(here, perf, stab)]
+    if len(out) < 3:
         raise UserError(f"{results.root}: Fig. 3b needs at least 3 (method, task) cells with 2 or more "
-                        f"finished runs; found {len(cells)}")
-    return ([row for row, _, _ in cells], [task for _, task, _ in cells],
-            [c.mean_rank for _, _, c in cells], [c.std_rank for _, _, c in cells])
+                        f"finished runs{'' if keep_trivial else ' off the trivial score'}; found {len(out)}")
+    return out, excluded
+
+
+def stability_ranks(results: Results, split: str = "test", ddof: int = 1, keep_trivial: bool = True):
+    """(labels, tasks, performance ranks, stability ranks) of every cell that has both ranks."""
+    cells, _ = stability_cells(results, split, ddof, keep_trivial)
+    return ([c.label for c in cells], [c.task for c in cells], [c.perf for c in cells], [c.stab for c in cells])
 
 
 @dataclass
 class Stability:
     """Fig. 3b's statistics. Ranks tie often (cells with equal means, or equal stds such as the
     zero std of runs that all predict one class), and Spearman's p-value then overstates the
-    evidence: Kendall's tau-b accounts for ties, and the tied shares say how many there are."""
+    evidence: Kendall's tau-b accounts for ties, and the tied shares say how many there are.
+    `per_task`: each task's own Spearman rho and p (None with fewer than 3 cells or constant
+    ranks); `without`: the pooled rho without each task (how much one task drives it)."""
 
     rho: float
     p: float
@@ -153,10 +186,33 @@ class Stability:
     n: int
     tied_performance: float  # share of cells whose performance rank another cell of its task shares
     tied_stability: float  # the same for stability ranks
+    per_task: dict = field(default_factory=dict)  # task -> (rho, p, n)
+    without: dict = field(default_factory=dict)  # task -> pooled rho over the other tasks
+    excluded_trivial: int = 0
 
     @property
     def ties_dominate(self) -> bool:
         return max(self.tied_performance, self.tied_stability) > 0.5
+
+    def lines(self) -> list[str]:
+        """What `plot stability` prints: pooled, per task, and the pooled rho without each task."""
+        out = [f"Spearman rho = {self.rho:.4f}, p = {self.p:.6g} over {self.n} (method, task) cells; "
+               f"Kendall tau-b = {self.tau:.4f}, p = {self.tau_p:.6g}; tied ranks within a task: "
+               f"{self.tied_performance:.0%} of performance, {self.tied_stability:.0%} of stability"]
+        if self.excluded_trivial:
+            out.append(f"left out: {self.excluded_trivial} cell(s) whose every run scored the trivial score "
+                       "(--keep-trivial keeps them)")
+        for task, (rho, p, n) in self.per_task.items():
+            out.append(f"  {task_display(task)}: rho = {_num(rho, '.4f')}, p = {_num(p, '.3g')} over {n} cells")
+        for task, rho in self.without.items():
+            change = None if rho is None or np.isnan(self.rho) else rho - self.rho
+            out.append(f"  without {task_display(task)}: pooled rho = {_num(rho, '.4f')} "
+                       f"(change {_num(change, '+.4f')})")
+        return out
+
+
+def _num(x, spec: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
 def tied_share(tasks: list[str], ranks: list[int]) -> float:
@@ -165,49 +221,83 @@ def tied_share(tasks: list[str], ranks: list[int]) -> float:
     return sum(seen[(t, r)] > 1 for t, r in zip(tasks, ranks)) / len(ranks)
 
 
+def _spearman(perf, stab) -> tuple[float | None, float | None]:
+    if len(perf) < 3 or len(set(perf)) < 2 or len(set(stab)) < 2:
+        return None, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rho, p = spearmanr(perf, stab)
+    return float(rho), float(p)
+
+
 def stability_stats(tasks: list[str], perf: list[int], stab: list[int]) -> Stability:
     with warnings.catch_warnings():  # constant ranks: nan, reported as such
         warnings.simplefilter("ignore")
         rho, p = spearmanr(perf, stab)
         tau, tau_p = kendalltau(perf, stab)  # variant "b": corrected for ties
-    return Stability(float(rho), float(p), float(tau), float(tau_p), len(perf),
-                     tied_share(tasks, perf), tied_share(tasks, stab))
+    st = Stability(float(rho), float(p), float(tau), float(tau_p), len(perf),
+                   tied_share(tasks, perf), tied_share(tasks, stab))
+    order = list(dict.fromkeys(tasks))
+    for task in order:
+        idx = [i for i, t in enumerate(tasks) if t == task]
+        st.per_task[task] = (*_spearman([perf[i] for i in idx], [stab[i] for i in idx]), len(idx))
+    if len(order) > 1:
+        for task in order:
+            idx = [i for i, t in enumerate(tasks) if t != task]
+            st.without[task] = _spearman([perf[i] for i in idx], [stab[i] for i in idx])[0]
+    return st
 
 
-def plot_stability(results: Results, out: str | Path, split: str = "test", ddof: int = 1) -> Stability:
-    """Draw Fig. 3b; returns its statistics (Spearman's rho, Kendall's tau-b, ties)."""
+def plot_stability(results: Results, out: str | Path, split: str = "test", ddof: int = 1,
+                   keep_trivial: bool = False) -> Stability:
+    """Draw Fig. 3b; returns its statistics (Spearman's rho pooled and per task, Kendall's tau-b,
+    ties, the pooled rho without each task). Each point is labelled with its method."""
     check_output(out)
-    _, tasks, perf, stab = stability_ranks(results, split, ddof)
+    cells, excluded = stability_cells(results, split, ddof, keep_trivial)
+    tasks, perf, stab = [c.task for c in cells], [c.perf for c in cells], [c.stab for c in cells]
     st = stability_stats(tasks, perf, stab)
+    st.excluded_trivial = excluded
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
     order = list(dict.fromkeys(tasks))
     for i, task in enumerate(order):
         # Ranks are integers, so cells of different tasks would hide each other: each task's
         # points are shifted sideways by a small fixed amount (the correlation uses the ranks).
         # Cells of one task with the same two ranks fall on one point, drawn larger.
         shift = (i - (len(order) - 1) / 2) * 0.7 / max(len(order), 1)
-        here = Counter((x, y) for x, y, t in zip(perf, stab, tasks) if t == task)
-        ax.scatter([x + shift for x, _ in here], [y for _, y in here], alpha=0.75,
-                   s=[24 * n ** 0.5 for n in here.values()], label=task_display(task), marker=MARKERS[i % len(MARKERS)])
-    for (x, y), n in Counter(zip(perf, stab)).items():  # how many cells share each pair of ranks
-        if n > 1:
-            ax.annotate(f"x{n}", (x + 0.38, y), textcoords="offset points", xytext=(0, 5), fontsize=7, color="0.25")
+        here = [c for c in cells if c.task == task]
+        at = Counter((c.perf, c.stab) for c in here)
+        ax.scatter([x + shift for x, _ in at], [y for _, y in at], alpha=0.75,
+                   s=[24 * n ** 0.5 for n in at.values()], label=task_display(task), marker=MARKERS[i % len(MARKERS)])
+        trivial = [c for c in here if c.trivial]
+        if trivial:
+            ax.scatter([c.perf + shift for c in trivial], [c.stab for c in trivial], marker="x", color="0.3", s=40)
+        for (x, y), names in _names_at(here).items():
+            ax.annotate(names, (x + shift, y), textcoords="offset points", xytext=(4, -3), fontsize=6, color="0.3")
     top = max(max(perf), max(stab))
     ax.set_xticks(range(1, top + 1))
     ax.set_yticks(range(1, top + 1))
-    ax.set_xlabel("performance rank (rank of the mean; 1 = best; tasks side by side)")
-    ax.set_ylabel("stability rank (rank of the std; 1 = most stable)")
+    ax.set_xlabel("performance rank (rank of the mean within its task; 1 = best; tasks side by side)")
+    ax.set_ylabel("stability rank (rank of the std within its task; 1 = most stable)")
     ties = (f"tied ranks: {st.tied_performance:.0%} of performance, {st.tied_stability:.0%} of stability"
             + (" (most: read rho with care)" if st.ties_dominate else ""))
-    ax.set_title(f"Stability vs performance (Fig. 3b), {st.n} cells\n"
+    left_out = (f"; {excluded} trivial cell(s) left out" if excluded else
+                ("; x: every run at the trivial score" if any(c.trivial for c in cells) else ""))
+    ax.set_title(f"Stability vs performance (Fig. 3b), {st.n} cells{left_out}\n"
                  f"Spearman rho = {st.rho:.4f} (p = {st.p:.3g}); Kendall tau-b = {st.tau:.4f} (p = {st.tau_p:.3g})\n"
                  f"{ties}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task (xN: N cells\nshare these ranks)",
-              title_fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="task", title_fontsize=8)
     _save(fig, out)
     return st
+
+
+def _names_at(cells: list[StabilityCell]) -> dict[tuple[int, int], str]:
+    """The method labels of the cells at each (performance, stability) point of one task."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for c in cells:
+        out.setdefault((c.perf, c.stab), []).append(c.label)
+    return {k: ", ".join(v) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- Fig. 4

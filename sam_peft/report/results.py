@@ -17,6 +17,7 @@ RESULTS_DIR is searched recursively for `result.json` files (one per run directo
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections import Counter
@@ -54,6 +55,32 @@ class RunRecord:
         if self.status != "done":
             return None
         return self.result["metrics"][split]["major"]
+
+    def trivial(self, split: str = "test") -> float | None:
+        """The split's score of a constant prediction (metrics.trivial): from result.json, or, for
+        runs made before it was recorded, computed from the data its config names when that is
+        at hand (None otherwise)."""
+        recorded = self.result.get("trivial")
+        if isinstance(recorded, dict) and isinstance(recorded.get(split), (int, float)):
+            return float(recorded[split])
+        config = self.config or {}
+        limit = (config.get("train") or {}).get("train_eval_subset") if split == "train" else None
+        drop = config.get("data") or {}
+        return _trivial_from_data(config.get("data_dir"), self.task, split, limit,
+                                  drop.get("drop_fraction") or 0.0, drop.get("drop_seed") or 0)
+
+    def at_trivial(self, split: str = "test") -> bool:
+        """Whether this finished run scored its split's trivial score (to float noise)."""
+        value, trivial = self.metric(split), self.trivial(split)
+        return value is not None and trivial is not None and abs(value - trivial) < 1e-6
+
+    def machine(self) -> str:
+        """The machine a run computed on ("unknown" for runs made before result.json recorded it)."""
+        machine = self.result.get("machine")
+        return machine.get("device") or "unknown" if isinstance(machine, dict) else "unknown"
+
+    def precision(self) -> str:
+        return self.result.get("precision") or "unknown"
 
     def option(self, key: str):
         """A method option of this run (e.g. density), from result.json or config.yaml."""
@@ -99,9 +126,51 @@ class Results:
         """(label, task) -> how many of its runs failed."""
         return dict(Counter((r.label, r.task) for r in self.failed()))
 
+    def trivial_cells(self, split: str = "test") -> set[tuple[str, str]]:
+        """(label, task) cells whose every finished run sits at the trivial score."""
+        runs: dict[tuple[str, str], list[RunRecord]] = {}
+        for r in self.done():
+            runs.setdefault((r.label, r.task), []).append(r)
+        return {cell for cell, rs in runs.items() if all(r.at_trivial(split) for r in rs)}
+
+    def mixed_provenance(self) -> list[str]:
+        """One line per cell whose finished runs came from more than one machine or precision."""
+        runs: dict[tuple[str, str], list[RunRecord]] = {}
+        for r in self.done():
+            runs.setdefault((r.label, r.task), []).append(r)
+        out = []
+        for (label, task), rs in runs.items():
+            for what, values in (("machines", Counter(r.machine() for r in rs)),
+                                 ("precisions", Counter(r.precision() for r in rs))):
+                if len(values) > 1:
+                    listed = ", ".join(f"{n} on {v}" for v, n in values.items())
+                    out.append(f"{label} / {task} mixes {what}: {listed}")
+        return out
+
+    def warn_mixed_provenance(self) -> None:
+        for line in self.mixed_provenance():
+            warn(line)
+
     def method_of(self, label: str) -> set[str]:
         return {r.method for r in self.runs if r.label == label} | {
             p["method"] for p in self.planned if p["label"] == label}
+
+
+@functools.lru_cache(maxsize=None)
+def _trivial_from_data(data_dir, task: str, split: str, limit, drop_fraction: float, drop_seed: int) -> float | None:
+    """metrics.trivial from a task's split files, or None when they cannot be read."""
+    from sam_peft import metrics
+    from sam_peft.data import drop_examples, load_splits, resolve_data_dir
+
+    if not isinstance(data_dir, str):
+        return None
+    try:
+        splits = load_splits(resolve_data_dir(data_dir), task, ("train", split) if split != "train" else ("train",))
+    except (UserError, OSError):
+        return None
+    train = drop_examples(splits["train"], drop_fraction, drop_seed)
+    labels = [ex.label for ex in (train if split == "train" else splits[split])][:limit]
+    return metrics.trivial(task, [ex.label for ex in train], labels)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -4,7 +4,8 @@ A sweep row with a grid (e.g. SAM with `grid: {method.burnin_steps: [500, ..., 2
 label per grid point ("SAM burnin_steps=500", ...) and one `row` ("SAM"). For each (row, task),
 `select_on` keeps the grid point whose finished runs have the best mean major metric on the
 chosen split (ties: the first grid point of the sweep's order) and reports the test numbers of
-that grid point under the row's name. The choice is per task, as in the paper.
+that grid point under the row's name. The choice is per task, as in the paper. With `seeds`, only
+those seeds' runs choose (a study's tuning seeds); the chosen point's other runs are reported too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sam_peft.errors import UserError
 from sam_peft.report.results import Results
 
 
@@ -27,14 +29,38 @@ class Choice:
     candidates: int  # grid points with finished runs
 
 
-def select_on(results: Results, split: str = "val") -> tuple[Results, list[Choice]]:
-    """Results with one grid point per (row, task), relabelled to the row; and the choices."""
+def parse_seeds(text: str) -> set[int]:
+    """`--select-seeds`: "0-4", "0,1,2" or a mix ("0-2,5"), as a set of seeds."""
+    seeds: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        lo, dash, hi = part.partition("-")
+        try:
+            if dash:
+                a, b = int(lo), int(hi)
+                if a > b:
+                    raise ValueError
+                seeds.update(range(a, b + 1))
+            else:
+                seeds.add(int(part))
+        except ValueError:
+            raise UserError(f"--select-seeds '{text}': expected seeds such as 0-4 or 0,1,2") from None
+    return seeds
+
+
+def select_on(results: Results, split: str = "val", seeds: set[int] | None = None) -> tuple[Results, list[Choice]]:
+    """Results with one grid point per (row, task), relabelled to the row; and the choices.
+
+    `seeds`: choose on these seeds' runs only (the tuning seeds of a study that later adds seeds
+    at the chosen point: the new seeds must not move the choice); every run of the chosen point
+    is kept for the report."""
     order = {label: i for i, label in enumerate(results.labels())}
     rows = {r.label: r.row or r.label for r in results.runs}
     rows.update({p["label"]: p.get("row") or p["label"] for p in results.planned})
     scores: dict[tuple[str, str], dict[str, list[float]]] = {}
     for r in results.done():
-        scores.setdefault((rows[r.label], r.task), {}).setdefault(r.label, []).append(r.metric(split))
+        if seeds is None or r.seed in seeds:
+            scores.setdefault((rows[r.label], r.task), {}).setdefault(r.label, []).append(r.metric(split))
     choices, chosen = [], {}
     for (row, task), by_label in scores.items():
         means = {label: float(np.mean(v)) for label, v in by_label.items()}

@@ -13,7 +13,9 @@ over the cell's finished runs:
 - a cell with failed runs says so: `58.10±1.20 (3/4) [2 failed]`, or just `failed` when none of
   its runs finished (CSV: a `failed` count per column; AVG's is the row's total);
 - AVG = the mean of the row's task means ± the mean of its task stds, ranked like a task
-  column, but only for rows complete on every task; other rows show AVG as "n/a".
+  column, but only for rows complete on every task; other rows show AVG as "n/a";
+- a cell whose every run scored the trivial score (a constant prediction, metrics.trivial) has
+  a dagger after its mean and a footnote (CSV: a `trivial` column).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from sam_peft.report.results import Results
 
 AVG = "AVG"
 DECIMALS = 2
+TRIVIAL_MARK = "†"
+LATEX_DAGGER = r"$^\dagger$"
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Cell:
     std_rank: int | None = None
     best: bool = False
     failed: int = 0  # runs of this cell with status "failed"
+    trivial: bool = False  # every finished run at the trivial score (a constant prediction)
 
     @property
     def missing(self) -> bool:
@@ -92,6 +97,7 @@ def build_table(results: Results, split: str = "test", ddof: int = 1) -> Table:
     rows = results.labels()
     tasks = results.tasks()
     largest = max((len(v) for v in values.values()), default=0)
+    trivial = results.trivial_cells(split)
     cells: dict[tuple[str, str], Cell] = {}
     for row in rows:
         for task in tasks:
@@ -102,7 +108,7 @@ def build_table(results: Results, split: str = "test", ddof: int = 1) -> Table:
                 planned, from_sweep = (largest if not results.planned else None), False
             mean, std = mean_std(vals, ddof)
             cells[(row, task)] = Cell(n=len(vals), planned=planned, planned_from_sweep=from_sweep, mean=mean, std=std,
-                                      failed=failed.get((row, task), 0))
+                                      failed=failed.get((row, task), 0), trivial=(row, task) in trivial)
     for task in tasks:
         rank_column([cells[(row, task)] for row in rows])
     for row in rows:
@@ -138,6 +144,7 @@ def cell_text(cell: Cell, column: str, bold=lambda s: s, pm: str = "±") -> str:
             return "failed"
         return f"n=0/{cell.planned}" if cell.planned_from_sweep else "-"
     mean = bold(_num(cell.mean)) if cell.best else _num(cell.mean)
+    mean += TRIVIAL_MARK if cell.trivial else ""
     text = f"{mean}{pm}{_num(cell.std)} ({_rank(cell.mean_rank)}/{_rank(cell.std_rank)})"
     if cell.missing and column != AVG:
         text += f" n={cell.n}/{cell.planned}" if cell.planned_from_sweep else f" n={cell.n}"
@@ -150,12 +157,17 @@ def headers(table: Table) -> list[str]:
     return [task_display(t) for t in table.tasks] + [AVG]
 
 
-def legend(table: Table) -> str:
+def legend(table: Table, mark: str = "†") -> str:
     std = "sample std (ddof=1)" if table.ddof == 1 else f"std with ddof={table.ddof}"
-    return (f"mean±std of the {table.split} major metric over finished runs ({std}); "
+    text = (f"mean±std of the {table.split} major metric over finished runs ({std}); "
             "(rank of mean/rank of std) per column; bold: best mean; n=3/10: runs finished of planned; "
             "[2 failed]: runs that failed (not counted); "
             "AVG: mean of task means ± mean of task stds, over rows complete on every task.")
+    if any(c.trivial for c in table.cells.values()):
+        text += (f" {mark}: every run of the cell scored the trivial score, that of a constant prediction (the "
+                 "majority class, or no correlation): it learned nothing the metric sees, and its std says "
+                 "nothing about stability.")
+    return text
 
 
 def render_markdown(table: Table) -> str:
@@ -175,15 +187,16 @@ def _latex_escape(text: str) -> str:
 
 
 def render_latex(table: Table) -> str:
-    out = [f"% {legend(table)}",
+    out = ["% " + legend(table, mark=LATEX_DAGGER),
            r"\begin{tabular}{l" + "c" * len(table.columns) + "}",
            r"\hline",
            "Method & " + " & ".join(_latex_escape(h) for h in headers(table)) + r" \\",
            r"\hline"]
     for row in table.rows:
-        # Cell texts hold only digits, letters and "-./()=[]", nothing LaTeX would need escaped.
+        # Cell texts hold only digits, letters and "-./()=[]" (and the dagger, set as LaTeX), nothing
+        # LaTeX would need escaped.
         texts = [cell_text(table.cells[(row, c)], c, bold=lambda s: rf"\textbf{{{s}}}", pm=r"$\pm$")
-                 for c in table.columns]
+                 .replace(TRIVIAL_MARK, LATEX_DAGGER) for c in table.columns]
         out.append(_latex_escape(row) + " & " + " & ".join(texts) + r" \\")
     out += [r"\hline", r"\end{tabular}"]
     return "\n".join(out) + "\n"
@@ -191,7 +204,7 @@ def render_latex(table: Table) -> str:
 
 def render_csv(table: Table) -> str:
     """One row per method; for each column its numbers, unrounded: mean, std, n, planned, ranks, best, failed."""
-    fields = ("mean", "std", "n", "planned", "mean_rank", "std_rank", "best", "failed")
+    fields = ("mean", "std", "n", "planned", "mean_rank", "std_rank", "best", "failed", "trivial")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["method"] + [f"{h}_{f}" for h in headers(table) for f in fields])
@@ -202,7 +215,7 @@ def render_csv(table: Table) -> str:
             planned = cell.planned if cell.planned_from_sweep else None
             line += ["" if v is None else v for v in (cell.mean, cell.std, cell.n, planned, cell.mean_rank,
                                                        cell.std_rank)]
-            line += [int(cell.best), cell.failed]
+            line += [int(cell.best), cell.failed, int(cell.trivial)]
         writer.writerow(line)
     return buf.getvalue()
 
