@@ -130,7 +130,8 @@ def welch_p(a: list[float], b: list[float]) -> float:
 
 def verdict(ours: list[float], reference: list[float], trivial: float, alpha: float = ALPHA,
             margin: float = TRIVIAL_MARGIN) -> str:
-    """One cell's verdict: 'parity (p=..)', 'sam-peft higher (p=..)', 'reference higher (p=..)',
+    """One cell's verdict: 'no difference detected at n = a/b (p=.., 95% CI [lo, hi])' (of sam-peft's
+    mean minus the reference's), 'sam-peft higher (p=..)', 'reference higher (p=..)',
     'uninformative (...)' when both sides' means are within `margin` of the trivial score (they
     did not learn the task, so their agreement says nothing), or 'too few runs'."""
     if len(ours) < 2 or len(reference) < 2:
@@ -139,9 +140,21 @@ def verdict(ours: list[float], reference: list[float], trivial: float, alpha: fl
     if m_ours <= trivial + margin and m_ref <= trivial + margin:
         return f"uninformative (both at the trivial score {trivial:.2f})"
     p = welch_p(ours, reference)
+    ci = welch_ci(ours, reference)
+    ci_text = f", 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
     if p >= alpha:
-        return f"parity (p={p:.2f})"
-    return f"{'sam-peft' if m_ours > m_ref else 'reference'} higher (p={p:.2g})"
+        return f"no difference detected at n = {len(ours)}/{len(reference)} (p={p:.2f}{ci_text})"
+    return f"{'sam-peft' if m_ours > m_ref else 'reference'} higher (p={p:.2g}{ci_text})"
+
+
+def welch_ci(a: list[float], b: list[float]) -> tuple[float, float] | None:
+    """The 95% Welch confidence interval of mean(a) - mean(b); None where both sides are constant."""
+    from scipy.stats import ttest_ind
+
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return None
+    low, high = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return float(low), float(high)
 
 
 def trivial_scores(task: str, labels: list, draws: int = CHANCE_DRAWS, seed: int = 0) -> dict:
@@ -478,11 +491,22 @@ def collect(sweep, ref_jobs: list[RefJob], ref_dir: Path) -> dict:
     from sam_peft.report.results import read_json
 
     cells: dict = {}
+    # The runs the sam-peft side's last sweep planned (its sweep.json), by (task, method, seed): runs
+    # made by an older results version keep their ids there, where today's ids differ.
+    planned_before = {}
+    plan_path = sweep.output_dir / "sweep.json"
+    if plan_path.is_file():
+        plan = read_json(plan_path)
+        for e in (plan.get("runs") or []) if isinstance(plan, dict) else []:
+            planned_before[(e.get("task"), e.get("method"), e.get("seed"))] = e.get("run_id")
     for r in sweep.runs:
-        path = r.run_dir / "result.json"
+        run_id = r.run_id
+        if not (r.run_dir / "result.json").is_file():
+            run_id = planned_before.get((r.cfg.task, r.cfg.method["name"], r.cfg.seed), run_id)
+        path = sweep.output_dir / run_id / "result.json"
         if path.is_file():
             res = read_json(path)
-            if isinstance(res, dict) and res.get("status") == "done" and res.get("run_id") == r.run_id:
+            if isinstance(res, dict) and res.get("status") == "done" and res.get("run_id") == run_id:
                 cells.setdefault((r.cfg.task, r.cfg.method["name"]), {}).setdefault("sam-peft", []).append(res)
     for j in ref_jobs:
         path = ref_dir / f"{j.run_id}.json"
@@ -526,8 +550,9 @@ def render_table(cells: dict, trivial: dict, tasks, methods, planned_seeds: int,
     text += ("\nTest major metric (jiant's, x100), mean ± sample std over seeds; difference = sam-peft - "
              "reference. Trivial score: the higher of the majority-class score and the mean score of "
              f"shuffled labels on the test split; a cell where both means lie within {TRIVIAL_MARGIN:g} of it is "
-             f"uninformative. Verdict: Welch's t-test, two-sided, level {ALPHA:g}; parity means no difference "
-             "detected at this n, not equality. The reference's classifier: "
+             f"uninformative. Verdict: Welch's t-test, two-sided, level {ALPHA:g}, with the 95% Welch CI of the "
+             "difference: a difference not detected at this n is bounded by that CI, not shown to be 0. "
+             "The reference's classifier: "
              + ("sam-peft's (jiant's) head (--reference-head jiant).\n" if head == "jiant"
                 else "the model class's own (--reference-head stock).\n"))
     if missing:

@@ -27,7 +27,13 @@ def parity():
 
 
 def test_verdict_parity_when_the_sides_overlap(parity):
-    assert parity.verdict([80.1, 81.0, 79.5], [80.4, 79.9, 81.2], trivial=50.0).startswith("parity (p=")
+    from scipy.stats import ttest_ind
+
+    a, b = [80.1, 81.0, 79.5], [80.4, 79.9, 81.2]
+    v = parity.verdict(a, b, trivial=50.0)
+    assert v.startswith("no difference detected at n = 3/3 (p=")
+    low, high = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert f"95% CI [{low:+.2f}, {high:+.2f}]" in v
 
 
 def test_verdict_names_the_higher_side(parity):
@@ -60,7 +66,7 @@ def test_one_side_learning_is_informative(parity):
 def test_constant_samples(parity):
     assert parity.welch_p([70.0, 70.0], [70.0, 70.0]) == 1.0
     assert parity.welch_p([70.0, 70.0], [71.0, 71.0]) == 0.0
-    assert parity.verdict([70.0, 70.0], [70.0, 70.0], trivial=40.0) == "parity (p=1.00)"
+    assert parity.verdict([70.0, 70.0], [70.0, 70.0], trivial=40.0) == "no difference detected at n = 2/2 (p=1.00)"
 
 
 def test_too_few_runs(parity):

@@ -1,0 +1,73 @@
+"""Exact parity (scripts/parity_exact.py), 20 steps on a tiny BERT built from a config: sam-peft's
+per-step training losses equal transformers.Trainer's (and PEFT's LoRA) to float rounding, for
+FullTuning, BitFit, LoRA and the mask rows; and each injected bug exceeds the tolerance."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the test extra)")
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 20
+
+
+def _script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("parity_exact", ROOT / "scripts" / "parity_exact.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from arch_models import save_tiny_encoder
+    from sam_peft.data import demo_data_dir, load_splits, texts_of
+    from sam_peft.tasks import get_task
+
+    texts = []
+    for task in ("stsb", "mrpc"):
+        texts += texts_of(load_splits(demo_data_dir(), task, ("train",))["train"], get_task(task))
+    work = tmp_path_factory.mktemp("parity")
+    folder = save_tiny_encoder("bert", work / "bert", texts)
+    pe = _script()
+    return pe, pe.dropout_free_copy(folder, work / "nodrop")
+
+
+@pytest.mark.parametrize("task", ["stsb", "mrpc"])
+@pytest.mark.parametrize("method", ["full", "bitfit", "lora", "sam", "random", "magprune"])
+def test_losses_agree_step_by_step(tiny_bert, method, task):
+    if method == "lora":
+        pytest.importorskip("peft", reason="the LoRA reference is PEFT's (the parity extra)")
+    pe, model = tiny_bert
+    row = pe.parity(model, "demo", task, method, STEPS, max_seq_len=64)
+    assert row["steps"] == STEPS
+    assert row["within"], row
+    ours, theirs = row["losses"]["sam_peft"], row["losses"]["reference"]
+    assert len(set(ours)) > 1 and ours[-1] != ours[0]  # the loss moved: both sides trained
+
+
+@pytest.mark.parametrize("perturb, method", [
+    ("warmup_one_longer", "full"), ("one_more_entry", "sam"), ("decay_frozen_entries", "random"),
+    ("one_other_batch", "bitfit"), ("no_clipping", "full")])
+def test_each_injected_bug_exceeds_the_tolerance(tiny_bert, perturb, method):
+    pe, model = tiny_bert
+    assert perturb in pe.PERTURBATIONS
+    clean = pe.parity(model, "demo", "stsb", method, STEPS, max_seq_len=64)
+    assert clean["within"]
+    bugged = pe.parity(model, "demo", "stsb", method, STEPS, perturb=perturb, ours=clean["ours"], max_seq_len=64)
+    assert not bugged["within"], (perturb, bugged["max_rel_loss_diff"])
+    assert bugged["max_rel_loss_diff"] > 10 * clean["max_rel_loss_diff"]
+
+
+def test_bad_arguments_are_one_line(capsys):
+    pe = _script()
+    assert pe.main(["--tasks", "copa"]) == 2
+    assert pe.main(["--methods", "adapter"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "copa" in err[0] and "adapter" in err[1]
