@@ -19,7 +19,6 @@ OUT defaults to results/lr_study. Exit status 2 on bad input, 1 when phase 1 is 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -77,9 +76,10 @@ def choose(out: Path) -> int:
     for c in choices:
         lines.append(f"#   {c.row}: {c.label.removeprefix(c.row).strip()} (mean val {c.score:.2f} over {c.n} runs; "
                      f"{c.candidates} grid points)")
-    lines.append("# Commit this file before any phase-2 run. This lr x seeds 5-9, into runs/confirm.")
-    confirm = {"base": os.path.relpath(CONFIG, out.resolve()), "output_dir": str(out / "runs" / "confirm"),
-               "seeds": CONFIRM_SEEDS, "methods": methods}
+    lines.append("# Commit this file before any phase-2 run. This lr x seeds 5-9, into runs/confirm; the rest")
+    lines.append("# is configs/lr_study.yaml's protocol, copied whole so that this file stands alone.")
+    confirm = {**{k: v for k, v in tree.items() if k not in ("methods", "seeds", "output_dir")},
+               "output_dir": str(out / "runs" / "confirm"), "seeds": CONFIRM_SEEDS, "methods": methods}
     text = "\n".join(lines) + "\n" + yaml.safe_dump(confirm, sort_keys=False)
     path = out / "confirm.yaml"
     if path.is_file():
