@@ -79,7 +79,7 @@ def choose(out: Path) -> int:
     lines.append("# Commit this file before any phase-2 run. This lr x seeds 5-9, into runs/confirm; the rest")
     lines.append("# is configs/lr_study.yaml's protocol, copied whole so that this file stands alone.")
     confirm = {**{k: v for k, v in tree.items() if k not in ("methods", "seeds", "output_dir")},
-               "output_dir": str(out / "runs" / "confirm"), "seeds": CONFIRM_SEEDS, "methods": methods}
+               "output_dir": _repo_relative(out / "runs" / "confirm"), "seeds": CONFIRM_SEEDS, "methods": methods}
     text = "\n".join(lines) + "\n" + yaml.safe_dump(confirm, sort_keys=False)
     path = out / "confirm.yaml"
     if path.is_file():
@@ -92,6 +92,15 @@ def choose(out: Path) -> int:
     atomic_write_text(path, text)
     print(text, end="")
     return 0
+
+
+def _repo_relative(path: Path) -> str:
+    """results/lr_study/... as the repository names it, wherever the study's checkout was."""
+    parts = path.parts
+    for i in range(len(parts) - 1):
+        if parts[i:i + 2] == ("results", "lr_study"):
+            return str(Path(*parts[i:]))
+    return str(path)
 
 
 def _run(argv: list[str]) -> None:
