@@ -62,7 +62,7 @@ METHODS = {
     "magprune": {"name": "magprune", "density": 0.005},
 }
 MASK_ROWS = ("sam", "random", "magprune")
-LEARNING_RATES = {"full": 1e-4, "bitfit": 1e-3, "lora": 5e-4, "sam": 5e-3, "random": 5e-3, "magprune": 5e-3}
+LEARNING_RATES = {"full": 1e-4, "bitfit": 1e-3, "lora": 5e-4, "sam": 5e-4, "random": 5e-4, "magprune": 5e-4}
 TASKS = ("cola", "stsb", "mrpc", "rte", "cb")  # one pooled head each; the reference has no span or choice model
 HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
@@ -82,14 +82,15 @@ def dropout_free_copy(model_dir: Path, work: Path) -> Path:
     return out
 
 
-def run_config(model: Path, data: str, task: str, method: str, steps: int, seed: int, max_seq_len: int = 128):
+def run_config(model: Path, data: str, task: str, method: str, steps: int, seed: int, max_seq_len: int = 128,
+               lr: float | None = None):
     from sam_peft.config import build_config
 
     return build_config({
         "model": str(model), "data_dir": data, "task": task, "seed": seed, "device": "cpu", "threads": 1,
         "method": METHODS[method], "output_dir": "/nonexistent",
         "train": {"max_steps": steps, "eval_every": steps, "min_steps": steps, "batch_size": 16,
-                  "max_seq_len": max_seq_len, "lr": LEARNING_RATES[method], "warmup": 0.1, "weight_decay": 0.01,
+                  "max_seq_len": max_seq_len, "lr": lr or LEARNING_RATES[method], "warmup": 0.1, "weight_decay": 0.01,
                   "grad_clip": 1.0, "precision": "fp32", "dropout": 0.0, "log_every": 1,
                   "train_eval_subset": 16}})
 
@@ -103,8 +104,7 @@ def sam_peft_side(cfg) -> dict:
     torch.set_num_threads(1)
     built = build(cfg)
     model = built.model
-    init = {n: p.detach().clone() for n, p in model.named_parameters()
-            if n.startswith("head.") or n.endswith("lora_A")}
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses: list[dict] = []
     trainer = Trainer(cfg, model, built.method, built.data, built.device, built.eligible,
                       log_train=losses.append, progress=False)
@@ -129,12 +129,14 @@ def sam_peft_side(cfg) -> dict:
 
     trainer.train_step = marked_step
     fit = trainer.fit()
-    return {"losses": [r["loss"] for r in losses], "batches": batches, "init": init,
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"losses": [r["loss"] for r in losses], "batches": batches, "init": init, "final": final,
             "sparse": {n: i.clone() for n, i in fit.plan.sparse.items()}, "spec": built.spec}
 
 
 def hf_name(name: str) -> str:
-    """sam-peft's parameter name -> the reference model's (BERT layout)."""
+    """sam-peft's parameter name -> the reference model's (BERT layout; LoRA's A and B as
+    reference_weights names them)."""
     if name.startswith("encoder."):
         return "bert." + name.removeprefix("encoder.")
     return {"head.dense.weight": "classifier.0.weight", "head.dense.bias": "classifier.0.bias",
@@ -144,16 +146,46 @@ def hf_name(name: str) -> str:
 # Bugs injected into the reference side, to show that the tolerance catches them (tests/test_parity_exact.py).
 PERTURBATIONS = {
     "warmup_one_longer": "the reference's warmup one step longer (every lr of the warmup a step late)",
-    "one_more_entry": "one entry more in the first masked tensor's mask",
+    "one_more_entry": "one entry more in the first masked tensor's mask (that is not chosen whole)",
     "decay_frozen_entries": "AdamW's weight decay reaches the entries outside the mask (the authors' code)",
     "one_other_batch": "the 5th batch replaced by the 6th",
     "no_clipping": "the reference does not clip the gradient",
 }
 
 
-def reference_side(model_dir: Path, cfg, method: str, ours: dict, perturb: str | None = None) -> list[float]:
-    """transformers.Trainer (and PEFT for LoRA) on sam-peft's batches; returns its per-step losses.
-    `perturb`: one of PERTURBATIONS, a bug to inject (for the tests)."""
+def reference_weights(model) -> dict[str, torch.Tensor]:
+    """The reference model's weights under the plain model's names (PEFT's wrappers unwrapped:
+    a LoRA-wrapped layer's base weight, its A and B as `<module>.lora_A` / `.lora_B`, and the trained
+    copy of the head; the untouched original head is left out)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if ".original_module." in name:
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        name = name.replace(".modules_to_save.default.", ".")
+        name = name.replace(".lora_A.default.weight", ".lora_A").replace(".lora_B.default.weight", ".lora_B")
+        out[name] = p.detach().clone()
+    return out
+
+
+def compare_weights(ours: dict, theirs: dict[str, torch.Tensor]) -> dict:
+    """The final weights of both sides: the largest difference relative to the largest update
+    (|theta - theta0| on sam-peft's side), and whether every entry that sam-peft left at its initial
+    value is bitwise that value on the reference's side too (frozen tensors, unchosen entries)."""
+    init, final = ours["init"], ours["final"]
+    largest_update = max(float((final[n] - init[n]).abs().max()) for n in final)
+    largest_diff, frozen_identical = 0.0, True
+    for n, value in final.items():
+        ref = theirs[hf_name(n)]
+        largest_diff = max(largest_diff, float((value - ref).abs().max()))
+        untouched = value == init[n]
+        frozen_identical &= bool(torch.equal(ref[untouched], init[n][untouched]))
+    return {"max_rel_weight_diff": largest_diff / max(largest_update, 1e-30), "frozen_identical": frozen_identical}
+
+
+def reference_side(model_dir: Path, cfg, method: str, ours: dict, perturb: str | None = None):
+    """transformers.Trainer (and PEFT for LoRA) on sam-peft's batches; returns its per-step losses
+    and its final weights (reference_weights). `perturb`: one of PERTURBATIONS, a bug to inject."""
     import transformers
     from parity import LORA_TARGETS_REGEX, use_jiant_head
     from torch.utils.data import SequentialSampler
@@ -195,14 +227,16 @@ def reference_side(model_dir: Path, cfg, method: str, ours: dict, perturb: str |
     elif method in MASK_ROWS:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier."))
+        extra_entry = perturb == "one_more_entry"
         for name, index in ours["sparse"].items():
             if not index.numel():
                 continue
             p = params[hf_name(name)]
             mask = torch.zeros(p.numel(), dtype=torch.bool)
             mask[index] = True
-            if perturb == "one_more_entry" and not masks:
+            if extra_entry and not mask.all():
                 mask[int(torch.nonzero(~mask)[0])] = True
+                extra_entry = False
             mask = mask.view_as(p)
             p.requires_grad_(True)
             p.register_hook(lambda g, m=mask: g * m)  # only the chosen entries get a gradient
@@ -257,7 +291,7 @@ def reference_side(model_dir: Path, cfg, method: str, ours: dict, perturb: str |
         trainer.train()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return losses
+    return losses, reference_weights(model)
 
 
 def compare(ours: list[float], theirs: list[float]) -> dict:
@@ -270,13 +304,16 @@ def compare(ours: list[float], theirs: list[float]) -> dict:
 
 
 def parity(model_dir: Path, data: str, task: str, method: str, steps: int, seed: int = 0,
-           perturb: str | None = None, ours: dict | None = None, max_seq_len: int = 128) -> dict:
+           perturb: str | None = None, ours: dict | None = None, max_seq_len: int = 128,
+           lr: float | None = None) -> dict:
     """Both sides of one (method, task); `ours`: sam-peft's side when already trained."""
-    cfg = run_config(model_dir, data, task, method, steps, seed, max_seq_len)
+    cfg = run_config(model_dir, data, task, method, steps, seed, max_seq_len, lr)
     ours = ours or sam_peft_side(cfg)
-    theirs = reference_side(model_dir, cfg, method, ours, perturb)
-    row = {"method": method, "task": task, **compare(ours["losses"], theirs), "tolerance": TOLERANCE}
-    row["within"] = row["max_rel_loss_diff"] <= TOLERANCE
+    theirs, weights = reference_side(model_dir, cfg, method, ours, perturb)
+    row = {"method": method, "task": task, **compare(ours["losses"], theirs), **compare_weights(ours, weights),
+           "tolerance": TOLERANCE}
+    row["within"] = (row["max_rel_loss_diff"] <= TOLERANCE and row["max_rel_weight_diff"] <= TOLERANCE
+                     and row["frozen_identical"])
     return {**row, "losses": {"sam_peft": ours["losses"], "reference": theirs}, "ours": ours}
 
 
@@ -326,9 +363,10 @@ def main(argv=None) -> int:
                     row.pop("ours")
                     summary.append(row)
                     atomic_write_json(out / "losses" / f"{method}-{task}.json", {**row, **losses})
-                    print(f"{method:9s} {task:5s} {row['steps']} steps: max |diff| {row['max_abs_loss_diff']:.3g}, "
-                          f"max relative {row['max_rel_loss_diff']:.3g} ({'within' if row['within'] else 'OVER'} "
-                          f"{TOLERANCE:g})", flush=True)
+                    print(f"{method:9s} {task:5s} {row['steps']} steps: loss max |diff| {row['max_abs_loss_diff']:.3g}, "
+                          f"max relative {row['max_rel_loss_diff']:.3g}; weights max relative "
+                          f"{row['max_rel_weight_diff']:.3g}, untrained entries identical: {row['frozen_identical']} "
+                          f"({'within' if row['within'] else 'OVER'} {TOLERANCE:g})", flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         import transformers
