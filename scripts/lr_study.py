@@ -13,7 +13,8 @@
                                             lr), OUT/convergence.md (best steps, trivial runs,
                                             where the chosen entries are)
 
-OUT defaults to results/lr_study. Exit status 2 on bad input, 1 when phase 1 is not done.
+OUT defaults to results/lr_study. Exit status 2 on bad input, 1 when phase 1 is not done, 3 when the
+choice is written but not yet committed to git (PLAN.md: it is committed before any phase-2 run).
 """
 
 from __future__ import annotations
@@ -88,10 +89,29 @@ def choose(out: Path) -> int:
             raise UserError(f"{path}: holds another choice than phase 1 gives now; the committed choice stands "
                             "(move the file away to choose again)")
         print(f"{path}: the choice stands")
-        return 0
+        return _committed(path)
     atomic_write_text(path, text)
     print(text, end="")
-    return 0
+    return _committed(path)
+
+
+def _committed(path: Path) -> int:
+    """0 when the choice may be run: committed to git (PLAN.md: before any phase-2 run), or not in a
+    git checkout at all; 3, with what to do, when it still has to be committed."""
+    import subprocess
+
+    inside = subprocess.run(["git", "-C", str(path.parent), "rev-parse", "--is-inside-work-tree"],
+                            capture_output=True, text=True)
+    if inside.returncode != 0:
+        return 0
+    tracked = subprocess.run(["git", "-C", str(path.parent), "ls-files", "--error-unmatch", path.name],
+                             capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(path.parent), "diff", "--quiet", "HEAD", "--", path.name])
+    if tracked.returncode == 0 and dirty.returncode == 0:
+        return 0
+    print(f"lr_study.py: commit {path} (the choice, before any phase-2 run), then run scripts/lr_study.sh "
+          "again", file=sys.stderr)
+    return 3
 
 
 def _repo_relative(path: Path) -> str:

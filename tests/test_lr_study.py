@@ -67,7 +67,7 @@ def test_choose_then_confirm_then_report(tmp_path, capsys):
 
     shutil.rmtree(out / "runs" / "tune")
     fabricate(phase1, out / "runs" / "tune")
-    assert lr_study.main(["choose", str(out)]) == 0
+    assert lr_study.main(["choose", str(out)]) == 0  # tmp_path is no git checkout: nothing to commit
     confirm = out / "confirm.yaml"
     text = confirm.read_text()
     assert "#   SAM: lr=0.005" in text and "#   FullTuning: lr=0.0001" in text and "#   Random: lr=0.015" in text
@@ -97,3 +97,18 @@ def test_choose_then_confirm_then_report(tmp_path, capsys):
     confirm.write_text(text.replace("- 0.005", "- 0.0005", 1))
     assert lr_study.main(["choose", str(out)]) == 2
     assert "the committed choice stands" in capsys.readouterr().err
+
+
+def test_choose_waits_for_the_choice_to_be_committed(tmp_path, capsys):
+    import subprocess
+
+    lr_study = _script()
+    out = tmp_path / "study"
+    fabricate(load_sweep(ROOT / "configs/lr_study.yaml", ["data_dir=demo"]).runs, out / "runs" / "tune")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert lr_study.main(["choose", str(out)]) == 3
+    assert "commit" in capsys.readouterr().err
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["add", "study/confirm.yaml"], check=True)
+    subprocess.run(git + ["commit", "-qm", "the choice"], check=True)
+    assert lr_study.main(["choose", str(out)]) == 0
