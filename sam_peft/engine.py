@@ -25,8 +25,8 @@ from torch import nn
 
 from sam_peft import checkpoint as ckpt_lib
 from sam_peft import metrics as metrics_lib
-from sam_peft.device import autocast_dtype, cpu_has_native_bf16, resolved_precision  # noqa: F401 (re-exported)
 from sam_peft.data import TaskData, TrainStream, collate, eval_batches, to_device  # noqa: F401 (re-exported)
+from sam_peft.device import autocast_dtype
 from sam_peft.errors import UserError
 from sam_peft.methods.base import Method, TrainPlan
 from sam_peft.optim import PlanOptimizer

@@ -327,15 +327,6 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
     finally:
         curves.close()
 
-    warnings_ = []
-    selection = trainer.selection or {}
-    if selection.get("n_chosen_without_positive_score"):
-        warnings_.append(f"{selection['n_chosen_without_positive_score']:,} of the k = {selection['k']:,} chosen "
-                         f"entries had no positive score ({selection['n_positive_scores']:,} eligible entries "
-                         "scored above 0): top-k filled them by position")
-    for w in warnings_:
-        log(f"{rd.path}: warning: {w}")
-
     if _frozen_fingerprint(model, frozen) != frozen_before:
         raise RuntimeError("a frozen pretrained tensor changed during training (bug)")
     t_eval = time.perf_counter()
@@ -347,6 +338,18 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
                                           built.data.labels(split)[:cfg.train.train_eval_subset if split == "train"
                                                                    else None])
                for split in metrics}
+    run_warnings = []
+    selection = trainer.selection or {}
+    if selection.get("n_chosen_without_positive_score"):
+        run_warnings.append(f"{selection['n_chosen_without_positive_score']:,} of the k = {selection['k']:,} chosen "
+                            f"entries had no positive score ({selection['n_positive_scores']:,} eligible entries "
+                            "scored above 0): top-k filled them by position")
+    if all(abs(metrics[split]["major"] - trivial[split]) < 1e-6 for split in ("val", "test")):
+        run_warnings.append(f"val and test scored the trivial score ({trivial['test']:.2f} on test: a constant "
+                            "prediction, the majority class or no correlation): the run learned nothing the "
+                            "metric sees")
+    for w in run_warnings:
+        log(f"{rd.path}: warning: {w}")
 
     tensors, counts = delta_lib.build(model, trainer.theta0, built.base_names)
     plan = fit.plan
@@ -396,7 +399,7 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
         "method_report": method.report(),
         "n_positive_scores": selection.get("n_positive_scores"),  # None: the method chose no top-k
         "n_chosen_without_positive_score": selection.get("n_chosen_without_positive_score"),
-        "warnings": warnings_,
+        "warnings": run_warnings,
         "mask_share": mask_share(model, plan, trainer.theta0),
         "optimizer_state_bytes": fit.optimizer_state_bytes,
         "delta_bytes": delta_bytes,

@@ -262,7 +262,8 @@ def test_a_run_records_positive_scores_and_warns_when_top_k_fills_by_position(tm
     assert result["warnings"] and "by position" in result["warnings"][0]
     assert any("warning" in line and "by position" in line for line in lines)
     result, lines = sam_run(density=0.01)
-    assert result["n_chosen_without_positive_score"] == 0 and result["warnings"] == []
+    assert result["n_chosen_without_positive_score"] == 0
+    assert not any("by position" in w for w in result["warnings"])
     assert result["n_positive_scores"] >= result["n_trainable_eligible"]
 
 
@@ -419,3 +420,37 @@ def test_authors_schedule_script_prints_every_task(tmp_path):
     assert [r.split("|")[1].strip() for r in rows] == ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
     done = subprocess.run([sys.executable, str(script), "--data", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_at_the_trivial_score_is_warned_about(tmp_path):
+    import unittest.mock
+
+    import numpy as np
+
+    import sam_peft.model as model_lib
+    from sam_peft.data import demo_data_dir, load_splits
+    from sam_peft.run import run
+
+    # A head that always predicts the train split's majority class (a zero output layer whose
+    # bias favours it by far): val and test then score exactly the trivial score.
+    majority = int(np.bincount([e.label for e in load_splits(demo_data_dir(), "rte", "train")["train"]]).argmax())
+    orig = model_lib.TaskModel.__init__
+
+    def constant_head(self, *a, **k):
+        orig(self, *a, **k)
+        with torch.no_grad():
+            self.head.out_proj.weight.zero_()
+            self.head.out_proj.bias.zero_()
+            self.head.out_proj.bias[majority] = 100.0
+
+    lines = []
+    cfg = build_config({"task": "rte", "model": "tiny", "data_dir": "demo", "output_dir": str(tmp_path),
+                        "device": "cpu", "method": {"name": "bitfit"},
+                        "train": {"max_steps": 2, "eval_every": 2, "min_steps": 0, "max_seq_len": 32,
+                                  "precision": "fp32", "lr": 1e-6}})
+    with unittest.mock.patch.object(model_lib.TaskModel, "__init__", constant_head):
+        result = run(cfg, progress=False, log=lines.append)
+    for split in ("val", "test"):
+        assert result["metrics"][split]["major"] == pytest.approx(result["trivial"][split])
+    assert any("trivial score" in w for w in result["warnings"])
+    assert any("warning" in line and "trivial score" in line for line in lines)
