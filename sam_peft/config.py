@@ -351,6 +351,10 @@ def locate(loc: tuple, source: str, lines: dict, overrides: dict[str, str] | Non
         dotted = ".".join(str(x) for x in loc[:n])
         if overrides and dotted in overrides:
             return f"override '{overrides[dotted]}'"
+    dotted = ".".join(str(x) for x in loc)
+    below = [item for key, item in (overrides or {}).items() if key.startswith(dotted + ".")]
+    if below and loc not in lines:  # an override created this key (`trian.lr=...` makes `trian`)
+        return f"override '{below[0]}'"
     for n in range(len(loc), 0, -1):
         if loc[:n] in lines:
             at = lines[loc[:n]]
@@ -377,12 +381,12 @@ def format_validation_error(
         if known is None:
             model = _model_at(parent)
             known = _known_keys(model) if model else []
-        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        guess = [ALIASES[loc[-1]]] if ALIASES.get(loc[-1]) in known else difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f" (did you mean '{'.'.join(map(str, parent + (guess[0],)))}'?)" if guess else ""
         return f"{where}: unknown key '{dotted}'{hint}"
     if e["type"] == "missing":
         return f"{where}: missing required key '{dotted}'"
-    msg = _message(e)
+    msg = message_of(e)
     return f"{where}: key '{dotted}': {msg}" if dotted else f"{where}: {msg}"
 
 
@@ -390,11 +394,29 @@ _EXPECTED = {"int_type": "a whole number", "float_type": "a number", "bool_type"
              "string_type": "a string", "tuple_type": "a list", "dict_type": "a mapping"}
 
 
-def _message(e: dict) -> str:
+# Names other tools give these settings (HF TrainingArguments, run_glue, common usage): an unknown
+# key spelled so is answered with ours.
+ALIASES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+           "per_device_eval_batch_size": "eval_batch_size", "max_seq_length": "max_seq_len",
+           "max_length": "max_seq_len", "max_grad_norm": "grad_clip", "warmup_ratio": "warmup",
+           "num_steps": "max_steps", "eval_steps": "eval_every", "logging_steps": "log_every",
+           "early_stopping_patience": "patience", "adam_epsilon": "adam_eps", "sparsity": "density",
+           "model_name_or_path": "model", "output": "output_dir", "data": "data_dir"}
+
+
+def message_of(e: dict) -> str:
     """pydantic's message, said in the config's own terms (strict types: what was given instead)."""
     kind, given = e["type"], e.get("input")
     if kind == "finite_number":
         return f"expected a finite number, got {given}"
+    bounds = {"greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", "greater than or equal to"),
+              "less_than": ("lt", "less than"), "less_than_equal": ("le", "less than or equal to")}
+    if kind in bounds:
+        key, words = bounds[kind]
+        return f"expected a number {words} {(e.get('ctx') or {}).get(key)}, got {json.dumps(given)}"
+    if kind in ("float_parsing", "int_parsing", "int_from_float"):  # lax models (a method's options)
+        what = "a whole number" if kind.startswith("int") else "a number"
+        return f"expected {what}, got {json.dumps(given) if not isinstance(given, str) else repr(given)}"
     if kind in _EXPECTED:
         if isinstance(given, bool):
             return f"expected {_EXPECTED[kind]}, got the boolean {str(given).lower()}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -190,25 +191,39 @@ class TrainLog:
 
 
 class Progress:
-    """A tqdm bar over scoring batches + training steps (or nothing)."""
+    """Progress over scoring batches + training steps: a tqdm bar on a terminal; where stderr is not
+    one (a log file, a pipe), a plain line about every tenth of the run instead of a bar's carriage
+    returns; or nothing."""
 
-    def __init__(self, on: bool, total: int, desc: str):
+    def __init__(self, on: bool, total: int, desc: str, plain: bool | None = None):
         self.bar = None
+        self.plain = False
+        self.total, self.desc, self.n = total, desc, 0
+        self._next_line = 0
         if on:
-            from tqdm.auto import tqdm
+            self.plain = not sys.stderr.isatty() if plain is None else plain
+            if not self.plain:
+                from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+                self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
 
     def grow(self, n: int) -> None:
+        self.total += n
         if self.bar is not None:
             self.bar.total += n
             self.bar.refresh()
 
     def to(self, position: int, **postfix) -> None:
+        self.n = position
         if self.bar is not None:
             self.bar.update(position - self.bar.n)
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
+        elif self.plain and position >= self._next_line:
+            details = ", ".join(f"{k} {v}" for k, v in postfix.items())
+            print(f"{self.desc}: {position}/{self.total}" + (f" ({details})" if details else ""), file=sys.stderr,
+                  flush=True)
+            self._next_line = position + max(1, self.total // 10)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -268,6 +283,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype(self.t.precision, self.device)
         self.batches = TrainStream(data, self.t.batch_size, self.seed, self.t.group_by_length, self.device)
         self.optimizer: PlanOptimizer | None = None
+        self._announced_scoring = 0  # scoring batches counted in the progress total from the start
         self.selection: dict | None = None  # how the method's top-k went (selection.tie_report)
         self.progress = Progress(False, 0, desc)
         self._progress_on, self.desc = progress, desc
@@ -350,7 +366,8 @@ class Trainer:
         self.set_trainable(TrainPlan(dense=names, train_head=with_head))
         acc = GradientStats({n: self.params[n] for n in names}, stats, clip, clip_mode,
                             norm_extra=[self.params[n] for n in head_names(self.model)] if with_head else [])
-        self.progress.grow(n_batches)
+        unannounced = self.scoring_steps + n_batches - self._announced_scoring
+        self.progress.grow(max(0, min(n_batches, unannounced)))
         model = self.model
         for _ in range(n_batches):
             model.train()
@@ -390,7 +407,9 @@ class Trainer:
         and counters are loaded, so the run continues exactly where it stopped.
         """
         t, timings = self.t, {}
-        self.progress = Progress(self._progress_on, t.max_steps, self.desc)
+        # The bar's total counts the scoring batches the method announces, so it does not jump when they start.
+        self._announced_scoring = self.method.opts.scoring_batches(self.batches.batches_per_epoch)
+        self.progress = Progress(self._progress_on, t.max_steps + self._announced_scoring, self.desc)
         try:
             t0 = time.perf_counter()
             ctx = SelectContext(self)
@@ -410,7 +429,9 @@ class Trainer:
             while self.step < t.max_steps:
                 st.losses.append(self.train_step())
                 at_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
-                if self.step % 25 == 0 or at_eval:  # not every step: .item() waits for the GPU
+                # Not every step (.item() waits for the GPU), but at the main phase's first, so that the
+                # phase label leaves the burn-in's at once.
+                if self.step % 25 == 0 or at_eval or self.step == burnin + 1:
                     self._tick(phase="train", loss=f"{st.losses[-1].item():.4f}",
                                best=f"{st.best_val['major']:.2f}" if st.best_val else "-")
                 if at_eval and self.evaluate_and_track(plan, st):

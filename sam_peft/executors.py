@@ -143,7 +143,9 @@ def _execute_locked(cfg: RunConfig, rid: str, retry_failed: bool, run_fn: Callab
 def _bar(total: int, progress: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
+    # Where stderr is no terminal (a log file, CI) the start/done lines say it all: no carriage returns.
+    return tqdm(total=total, desc="sweep", unit="run", disable=not progress or not sys.stderr.isatty(),
+                dynamic_ncols=True)
 
 
 def _say(msg: str) -> None:

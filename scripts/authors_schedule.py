@@ -6,7 +6,7 @@ Markdown table (docs/fidelity.md quotes it): each task's train examples and batc
 epoch, the authors' warmup length, and the lr of both schedules at steps 4,000, 20,000 (the
 earliest early stop) and 40,000 (the cap), for a peak lr of 1e-4.
 
-    python scripts/authors_schedule.py [--data DIR]   (default ../shared/data/paper_splits)
+    python scripts/authors_schedule.py [--data DIR]   (default data: `sam-peft data prepare --out data`)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ STEPS = (4000, 20000, 40000)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/paper_splits"))
+    parser.add_argument("--data", default="data", help="the authors' splits (default data: `sam-peft data prepare --out data`)")
     args = parser.parse_args(argv)
     ours = build_config({"task": "cb"}).train
     authors = build_config({"task": "cb", "train": {"schedule_epochs": 10000}}).train

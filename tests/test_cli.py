@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from sam_peft.cli import main
-from util import PAPER_SPLITS
+from util import PAPER_SPLITS, SPLITS_MISSING
 
 
-@pytest.mark.skipif(not PAPER_SPLITS.is_dir(), reason="paper_splits not available")
+@pytest.mark.skipif(not PAPER_SPLITS.is_dir(), reason=SPLITS_MISSING)
 def test_data_prepare_from_a_local_mirror(tmp_path, capsys):
     out = tmp_path / "data"
     code = main(["data", "prepare", "--out", str(out), "--tasks", "cb", "copa", "--base-url", str(PAPER_SPLITS),

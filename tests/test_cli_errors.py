@@ -218,8 +218,8 @@ def test_non_finite_numbers_are_rejected_in_any_float(tmp_path, capsys, override
     ("train.adam_betas=[0.9, 1.0]", "each beta must be in [0, 1), got [0.9, 1.0]"),
     ("train.adam_betas=[-0.1, 0.999]", "each beta must be in [0, 1)"),
     ("train.adam_eps=0", "train.adam_eps"),
-    ("seed=-1", "key 'seed': Input should be greater than or equal to 0"),
-    ("seed=4294967296", "key 'seed': Input should be less than 4294967296"),
+    ("seed=-1", "key 'seed': expected a number greater than or equal to 0, got -1"),
+    ("seed=4294967296", "key 'seed': expected a number less than 4294967296, got 4294967296"),
     ("data.drop_seed=-3", "key 'data.drop_seed'"),
 ])
 def test_values_torch_or_the_generators_would_reject(tmp_path, capsys, override, message):

@@ -20,7 +20,7 @@ from sam_peft.data import (
 from sam_peft.errors import UserError
 from sam_peft.tasks import TASKS, get_task
 
-from util import PAPER_SPLITS
+from util import PAPER_SPLITS, SPLITS_MISSING
 
 # Record counts from the README of the shared data folder (shared/data/README.md).
 PAPER_COUNTS = {
@@ -216,7 +216,7 @@ def test_demo_data_loads_and_is_balanced(task):
 @pytest.mark.parametrize("task", sorted(PAPER_COUNTS))
 def test_paper_splits_record_counts(task):
     if not PAPER_SPLITS.is_dir():
-        pytest.skip("paper_splits not available on this machine")
+        pytest.skip(SPLITS_MISSING)
     splits = load_splits(PAPER_SPLITS, task)
     counts = tuple(len(splits[split]) for split in ("train", "val", "test"))
     assert counts == PAPER_COUNTS[task]

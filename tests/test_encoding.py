@@ -11,7 +11,7 @@ from sam_peft.data import Example, collate, demo_data_dir, encode, load_splits
 from sam_peft.errors import UserError
 from sam_peft.tasks import get_task
 
-from util import PAPER_SPLITS
+from util import PAPER_SPLITS, SPLITS_MISSING
 
 # Records of the paper's WSC files whose span_text is not what text.split() holds at the
 # span index (case-only differences, which are many, are not listed). The encoding follows
@@ -162,7 +162,7 @@ def test_wsc_span_cut_by_truncation_is_clamped(make_tokenizer):
 
 def test_wsc_spans_on_every_paper_record(bpe_tokenizer, wordpiece_tokenizer):
     if not PAPER_SPLITS.is_dir():
-        pytest.skip("paper_splits not available on this machine")
+        pytest.skip(SPLITS_MISSING)
     splits = load_splits(PAPER_SPLITS, "wsc")
     corpus = texts_of(splits, ["text"])
     spec = get_task("wsc")

@@ -87,6 +87,7 @@ def test_config_without_a_main_phase_step_is_rejected(method):
 
 
 def test_progress_bar_total_counts_scoring_and_training_steps():
+    # The 5 scoring batches are in the total from the start: it never jumps when they begin.
     tr = hand_trainer({"name": "sam", "density": 0.1, "burnin_steps": 5}, max_steps=9, eval_every=3)
     tr._progress_on = True
     seen = []
@@ -94,12 +95,26 @@ def test_progress_bar_total_counts_scoring_and_training_steps():
 
     def spy(**postfix):
         orig(**postfix)
-        if tr.progress.bar is not None:
-            seen.append((tr.progress.bar.n, tr.progress.bar.total))
+        seen.append((tr.progress.n, tr.progress.total, postfix.get("phase")))
 
     tr._tick = spy
     tr.fit()
-    assert seen[0][1] == 14 and seen[-1] == (14, 14)
+    assert {total for _, total, _ in seen} == {14} and seen[-1][:2] == (14, 14)
+    # The phase label follows the phase: the first tick after the scoring batches says "train".
+    phases = [phase for _, _, phase in seen if phase]
+    assert phases[:5] == ["scoring"] * 5 and phases[5] == "train" and seen[5][0] == 6
+
+
+def test_progress_prints_plain_lines_where_stderr_is_no_terminal(capsys):
+    from sam_peft.engine import Progress
+
+    progress = Progress(True, 200, "stsb/sam/s0", plain=True)
+    for step in range(1, 201):
+        progress.to(step, phase="train")
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert 10 <= len(lines) <= 11 and "\r" not in "".join(lines)
+    assert lines[0] == "stsb/sam/s0: 1/200 (phase train)" and lines[-1].startswith("stsb/sam/s0: 181/200")
 
 
 # ------------------------------------------------------------------------ 2. shuffled batches

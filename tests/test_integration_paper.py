@@ -5,9 +5,9 @@ import pytest
 from sam_peft.config import build_config
 from sam_peft.data import load_splits
 from sam_peft.run import evaluate_run, run
-from util import PAPER_SPLITS
+from util import PAPER_SPLITS, SPLITS_MISSING
 
-pytestmark = pytest.mark.skipif(not PAPER_SPLITS.is_dir(), reason="paper_splits not available")
+pytestmark = pytest.mark.skipif(not PAPER_SPLITS.is_dir(), reason=SPLITS_MISSING)
 
 SIZES = {"cola": (7695, 856, 1043), "stsb": (5166, 583, 1500), "mrpc": (3294, 374, 408), "rte": (2241, 249, 277),
          "cb": (225, 25, 56), "copa": (360, 40, 100), "wsc": (495, 59, 104)}

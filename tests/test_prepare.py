@@ -16,9 +16,9 @@ from sam_peft import prepare
 from sam_peft.errors import UserError
 from sam_peft.prepare import prepare_data
 
-from util import PAPER_SPLITS
+from util import PAPER_SPLITS, SPLITS_MISSING
 needs_paper_splits = pytest.mark.skipif(
-    not (PAPER_SPLITS / "data").is_dir(), reason="paper_splits mirror not on this machine"
+    not (PAPER_SPLITS / "data").is_dir(), reason=SPLITS_MISSING
 )
 
 

@@ -32,6 +32,8 @@ def paper_splits_dir() -> Path:
 
 
 PAPER_SPLITS = paper_splits_dir()
+SPLITS_MISSING = (f"the authors' splits are not at {PAPER_SPLITS}: set SAM_PEFT_PAPER_SPLITS to a folder that "
+                  "holds them (`sam-peft data prepare --out DIR`)")
 
 
 def write_sweep(path: Path, output_dir: Path, base: dict, **keys) -> Path:

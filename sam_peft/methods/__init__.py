@@ -88,11 +88,15 @@ def validate_method_options(spec) -> dict:
     except ValidationError as err:
         e = err.errors()[0]
         key = "method." + ".".join(str(x) for x in e["loc"])
+        from sam_peft.config import ALIASES, message_of
+
         if e["type"] == "extra_forbidden":
-            guess = difflib.get_close_matches(str(e["loc"][-1]), list(cls.Options.model_fields), n=1)
+            fields = list(cls.Options.model_fields)
+            alias = ALIASES.get(str(e["loc"][-1]))
+            guess = [alias] if alias in fields else difflib.get_close_matches(str(e["loc"][-1]), fields, n=1)
             hint = f" (did you mean 'method.{guess[0]}'?)" if guess else ""
             raise ConfigKeyError(key, f"unknown key '{key}' for method '{spec['name']}'{hint}") from None
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = message_of(e)
         raise ConfigKeyError(key, f"key '{key}': {msg}") from None
     return opts.model_dump()
 

@@ -43,6 +43,11 @@ class MethodOptions(BaseModel):
         validation rejects a max_steps that leaves no main-phase step after them."""
         return 0
 
+    def scoring_batches(self, batches_per_epoch: int) -> int:
+        """Scoring batches (gradients only, no update) the method will run before its main phase;
+        the progress bar counts them from the start."""
+        return 0
+
 
 class SparseOptions(MethodOptions):
     """Options of methods that choose floor(density * m) entries."""

@@ -41,6 +41,9 @@ class ChildPruneOptions(SparseOptions):
     def training_burnin(self) -> int:
         return self.burnin_steps if self.variant == "paper" else 0
 
+    def scoring_batches(self, batches_per_epoch: int) -> int:
+        return batches_per_epoch if self.variant == "fisher" else 0  # ChildTuning-D's one pass
+
 
 @register_method("childprune")
 class ChildPruning(Method):

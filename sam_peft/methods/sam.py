@@ -34,6 +34,9 @@ class SAMOptions(SparseOptions):
     score: Literal["squared_sum", "fisher", "abs_sum"] = "squared_sum"
     clip_burnin_grads: bool = False
 
+    def scoring_batches(self, batches_per_epoch: int) -> int:
+        return self.burnin_steps
+
 
 @register_method("sam")
 class SAM(Method):

@@ -9,7 +9,12 @@ from __future__ import annotations
 from sam_peft.methods import method_display, paper_rows
 from sam_peft.tasks import TASKS
 
-__all__ = ["method_display", "task_display", "paper_label_order", "paper_task_order"]
+__all__ = ["method_display", "task_display", "metric_display", "paper_label_order", "paper_task_order"]
+
+# jiant's major metric of each kind, in words (x100 in every table and figure).
+METRIC_NAMES = {"mcc": "Matthews corr.", "pearson_spearman": "(Pearson + Spearman) / 2",
+                "acc_f1": "(accuracy + F1) / 2", "acc_macro_f1_3": "(accuracy + macro F1) / 2",
+                "accuracy": "accuracy"}
 
 
 def task_display(name: str) -> str:
@@ -26,3 +31,9 @@ def paper_label_order(labels) -> list[str]:
 def paper_task_order(tasks) -> list[str]:
     rank = {t: i for i, t in enumerate(TASKS)}
     return sorted(tasks, key=lambda t: (rank.get(t, len(rank)), t))
+
+
+def metric_display(task: str) -> str:
+    """The task's major metric in words, e.g. STS-B's "(Pearson + Spearman) / 2"."""
+    spec = TASKS.get(task)
+    return METRIC_NAMES.get(spec.metric, spec.metric) if spec else "major metric"

@@ -24,7 +24,7 @@ from scipy.stats import kendalltau, rankdata, spearmanr
 
 from sam_peft.errors import UserError
 from sam_peft.io import atomic_path, make_folder
-from sam_peft.report.names import method_display, task_display
+from sam_peft.report.names import method_display, metric_display, task_display
 from sam_peft.report.results import Results, load_results, read_json, read_jsonl
 from sam_peft.report.table import DECIMALS, build_table, mean_std
 
@@ -117,7 +117,9 @@ def plot_sparsity(results: Results, out: str | Path, method: str = "sam", ddof: 
             ax.grid(alpha=0.3)
         axes[1, col].set_xticks(ticks, [f"{d:g}" for d in ticks], rotation=45 if len(ticks) > 4 else 0,
                                 ha="right" if len(ticks) > 4 else "center")
-    axes[0, 0].set_ylabel("major metric")
+    shown = [t for t in results.tasks() if t in points]
+    axes[0, 0].set_ylabel("major metric x100\n" + "; ".join(f"{task_display(t)}: {metric_display(t)}" for t in shown),
+                          fontsize=8 if len(shown) > 2 else None)
     axes[1, 0].set_ylabel("std")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), title="task")
