@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from sam_peft.config import build_config
 from sam_peft.data import load_splits

@@ -71,7 +71,7 @@ def choose(out: Path) -> int:
         label = chosen[row].label
         lr = next(r.grid["train.lr"] for r in results.runs if r.label == label)
         methods.append({**entry, "grid": {"train": {"lr": [lr]}}})
-    lines = [f"# Phase 2 of the learning-rate study (results/lr_study/PLAN.md), written by",
+    lines = ["# Phase 2 of the learning-rate study (results/lr_study/PLAN.md), written by",
              f"# `python scripts/lr_study.py choose {out}` from the {len(done)} phase-1 runs: each row's lr is the",
              "# grid point with the best mean val score over seeds 0-4 (ties: the smaller lr). The choices:"]
     for c in choices:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import ttest_ind, ttest_rel
 
-from test_report import write_run
+from util import write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
-import pytest
-import yaml
 
 from sam_peft.sweep import load_sweep
 

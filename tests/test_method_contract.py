@@ -10,13 +10,12 @@ same result as an uninterrupted one.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sam_peft import run as run_lib
 from sam_peft.methods import list_methods, method_class
 from sam_peft.params import head_names
 from sam_peft.selection import budget
-from test_resume import cfg_for, check_resume
+from util import cfg_for, check_resume
 
 # Small values for options that set a method's cost on the tiny model.
 SMALL = {"density": 0.01, "burnin_steps": 4, "r": 2, "reduction": 8}

@@ -49,7 +49,7 @@ def test_losses_agree_step_by_step(tiny_bert, method, task):
     assert row["steps"] == STEPS
     assert row["within"], {k: v for k, v in row.items() if k not in ("losses", "ours")}
     assert row["frozen_identical"] and row["rel_weight_diff"] <= pe.TOLERANCE
-    ours, theirs = row["losses"]["sam_peft"], row["losses"]["reference"]
+    ours = row["losses"]["sam_peft"]
     assert len(set(ours)) > 1 and ours[-1] != ours[0]  # the loss moved: both sides trained
 
 

@@ -4,7 +4,6 @@ missing runs, formats, the results loader's rules, each figure, and the statisti
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import re
@@ -19,26 +18,9 @@ from sam_peft import cli
 from sam_peft.report.results import load_results
 from sam_peft.report.stats import compare, time_table
 from sam_peft.report.table import build_table, render_markdown
+from util import write_run
 
 NAMES = {"full": "FullTuning", "bitfit": "BitFit", "sam": "SAM", "random": "Random"}
-
-
-def write_run(root: Path, method: str, task: str, seed: int, test: float, *, train: float = 90.0,
-              label: str | None = None, status: str = "done", density: float | None = None,
-              wall: float = 10.0, steps: int = 100, extra: dict | None = None) -> Path:
-    """One run directory as run.run leaves it (only the fields the reports read)."""
-    rid = f"{task}-{method}-s{seed}-" + hashlib.sha256(repr((label, density)).encode()).hexdigest()[:8]
-    run_dir = root / rid
-    run_dir.mkdir(parents=True)
-    options = {"name": method, **({"density": density} if density is not None else {})}
-    result = {"run_id": rid, "task": task, "method": method, "method_options": options, "seed": seed,
-              "status": status, "wall_time_s": wall, "steps": steps, **(extra or {})}
-    if status == "done":
-        result["metrics"] = {"test": {"major": test}, "train": {"major": train}, "val": {"major": test}}
-    (run_dir / "result.json").write_text(json.dumps(result))
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"task": task, "method": options, "seed": seed,
-                                                         "label": label}))
-    return run_dir
 
 
 # Hand-made cells (test major metric). Means and sample stds (ddof=1), computed by hand:

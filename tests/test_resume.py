@@ -11,17 +11,10 @@ import time
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 
-import sam_peft.engine as engine
-from sam_peft.config import build_config, config_dict
-from sam_peft.rundir import RunDir
+from sam_peft.config import config_dict
 from sam_peft.run import run
-
-CHECKPOINT = RunDir(".").checkpoint.name
-
-PROTOCOL = {"max_steps": 40, "eval_every": 10, "patience": 100, "min_steps": 0, "max_seq_len": 64, "lr": 5e-3,
-            "log_every": 5, "checkpoint_every": 10}
+from util import CHECKPOINT, PROTOCOL, Killed, cfg_for, check_resume, outputs  # noqa: F401
 
 # Resume for every registered method is in test_method_contract.py; these are variants with
 # state that evolves in the main phase.
@@ -31,60 +24,9 @@ METHODS = [
 ]
 
 
-class Killed(BaseException):
-    """Stands in for SIGKILL: not an Exception, so run() writes no 'failed' status."""
-
-
-def cfg_for(tmp_path, method, **train):
-    return build_config({"model": "tiny", "data_dir": "demo", "task": "cb", "seed": 3, "method": method,
-                         "output_dir": str(tmp_path), "train": {**PROTOCOL, **train}})
-
-
-def outputs(run_dir):
-    with safe_open(str(run_dir / "delta.safetensors"), framework="pt") as f:
-        delta = {k: f.get_tensor(k) for k in f.keys()}
-    result = json.loads((run_dir / "result.json").read_text())
-    logs = {name: (run_dir / name).read_text() for name in ("metrics.jsonl", "train_log.jsonl")}
-    return result, delta, logs
-
-
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join(map(str, m.values())))
 def test_killed_run_resumes_to_the_same_result(tmp_path, method, monkeypatch):
     check_resume(tmp_path, method, monkeypatch)
-
-
-def check_resume(tmp_path, method, monkeypatch):
-    """Kill a run after its checkpoint at step 20, rerun it: the result equals an uninterrupted run's."""
-    ref = run(cfg_for(tmp_path / "ref", method), progress=False, log=lambda *a: None)
-    ref_result, ref_delta, ref_logs = outputs(tmp_path / "ref" / ref["run_id"])
-
-    cfg = cfg_for(tmp_path / "killed", method)
-    real_step = engine.Trainer.train_step
-
-    def dying_step(self):
-        if self.step == 26:  # after the checkpoint at step 20, before the one at 30
-            raise Killed()
-        return real_step(self)
-
-    monkeypatch.setattr(engine.Trainer, "train_step", dying_step)
-    with pytest.raises(Killed):
-        run(cfg, progress=False, log=lambda *a: None)
-    run_dir = tmp_path / "killed" / ref["run_id"]
-    assert json.loads((run_dir / "result.json").read_text())["status"] == "running"
-    assert torch.load(run_dir / CHECKPOINT, weights_only=True)["step"] == 20
-
-    monkeypatch.setattr(engine.Trainer, "train_step", real_step)
-    said = []
-    again = run(cfg, progress=False, log=said.append)
-    assert any("resuming from step 20" in s for s in said)
-    result, delta, logs = outputs(run_dir)
-    assert again["resumed_from_step"] == 20
-    assert result["metrics"] == ref_result["metrics"]
-    assert result["best_step"] == ref_result["best_step"] and result["n_changed"] == ref_result["n_changed"]
-    assert result["method_report"] == ref_result["method_report"]
-    assert delta.keys() == ref_delta.keys() and all(torch.equal(delta[k], ref_delta[k]) for k in delta)
-    assert logs == ref_logs  # no lost or duplicated log lines
-    assert not (run_dir / CHECKPOINT).exists()  # removed once the run is done
 
 
 def test_checkpoint_of_another_config_is_ignored(tmp_path, monkeypatch):

@@ -7,20 +7,25 @@ embedding, a dense layer with bias and a LayerNorm, so every parameter kind is p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from torch import nn
 
+import sam_peft.engine as engine
 from sam_peft.config import build_config
 from sam_peft.engine import TaskData, Trainer, eligible_names
 from sam_peft.methods import build_method
 from sam_peft.model import TaskModel
-from sam_peft.run import seed_everything
+from sam_peft.rundir import RunDir
+from sam_peft.run import run, seed_everything
 from sam_peft.tasks import get_task
 
 
@@ -104,3 +109,82 @@ def hand_trainer(method: dict, task: str = "cb", seed: int = 0, log_eval=None, *
     m.wrap(model)
     data = synthetic_data(task)
     return Trainer(cfg, model, m, data, "cpu", eligible, log_eval=log_eval, progress=False)
+
+
+# ---------------------------------------------------------------- kill and resume (test_resume, the method contract)
+
+CHECKPOINT = RunDir(".").checkpoint.name
+
+PROTOCOL = {"max_steps": 40, "eval_every": 10, "patience": 100, "min_steps": 0, "max_seq_len": 64, "lr": 5e-3,
+            "log_every": 5, "checkpoint_every": 10}
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so run() writes no 'failed' status."""
+
+
+def cfg_for(tmp_path, method, **train):
+    return build_config({"model": "tiny", "data_dir": "demo", "task": "cb", "seed": 3, "method": method,
+                         "output_dir": str(tmp_path), "train": {**PROTOCOL, **train}})
+
+
+def outputs(run_dir):
+    with safe_open(str(run_dir / "delta.safetensors"), framework="pt") as f:
+        delta = {k: f.get_tensor(k) for k in f.keys()}
+    result = json.loads((run_dir / "result.json").read_text())
+    logs = {name: (run_dir / name).read_text() for name in ("metrics.jsonl", "train_log.jsonl")}
+    return result, delta, logs
+
+
+def check_resume(tmp_path, method, monkeypatch):
+    """Kill a run after its checkpoint at step 20, rerun it: the result equals an uninterrupted run's."""
+    ref = run(cfg_for(tmp_path / "ref", method), progress=False, log=lambda *a: None)
+    ref_result, ref_delta, ref_logs = outputs(tmp_path / "ref" / ref["run_id"])
+
+    cfg = cfg_for(tmp_path / "killed", method)
+    real_step = engine.Trainer.train_step
+
+    def dying_step(self):
+        if self.step == 26:  # after the checkpoint at step 20, before the one at 30
+            raise Killed()
+        return real_step(self)
+
+    monkeypatch.setattr(engine.Trainer, "train_step", dying_step)
+    with pytest.raises(Killed):
+        run(cfg, progress=False, log=lambda *a: None)
+    run_dir = tmp_path / "killed" / ref["run_id"]
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "running"
+    assert torch.load(run_dir / CHECKPOINT, weights_only=True)["step"] == 20
+
+    monkeypatch.setattr(engine.Trainer, "train_step", real_step)
+    said = []
+    again = run(cfg, progress=False, log=said.append)
+    assert any("resuming from step 20" in s for s in said)
+    result, delta, logs = outputs(run_dir)
+    assert again["resumed_from_step"] == 20
+    assert result["metrics"] == ref_result["metrics"]
+    assert result["best_step"] == ref_result["best_step"] and result["n_changed"] == ref_result["n_changed"]
+    assert result["method_report"] == ref_result["method_report"]
+    assert delta.keys() == ref_delta.keys() and all(torch.equal(delta[k], ref_delta[k]) for k in delta)
+    assert logs == ref_logs  # no lost or duplicated log lines
+    assert not (run_dir / CHECKPOINT).exists()  # removed once the run is done
+
+
+# ---------------------------------------------------------------- fabricated results (the report tests)
+
+
+def write_run(root: Path, method: str, task: str, seed: int, test: float, *, train: float = 90.0,
+              label: str | None = None, status: str = "done", density: float | None = None,
+              wall: float = 10.0, steps: int = 100, extra: dict | None = None) -> Path:
+    """One run directory as run.run leaves it (only the fields the reports read)."""
+    rid = f"{task}-{method}-s{seed}-" + hashlib.sha256(repr((label, density)).encode()).hexdigest()[:8]
+    run_dir = root / rid
+    run_dir.mkdir(parents=True)
+    options = {"name": method, **({"density": density} if density is not None else {})}
+    result = {"run_id": rid, "task": task, "method": method, "method_options": options, "seed": seed,
+              "status": status, "wall_time_s": wall, "steps": steps, **(extra or {})}
+    if status == "done":
+        result["metrics"] = {"test": {"major": test}, "train": {"major": train}, "val": {"major": test}}
+    (run_dir / "result.json").write_text(json.dumps(result))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"task": task, "method": options, "seed": seed,
+                                                         "label": label}))
+    return run_dir
