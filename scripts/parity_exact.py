@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 
 from sam_peft.errors import UserError  # noqa: E402
-from sam_peft.io import atomic_write_json, make_folder  # noqa: E402
+from sam_peft.io import atomic_write_json, atomic_write_text, make_folder  # noqa: E402
 
 # fp32 rounding (eps 1.2e-7) in sums taken in another order (the reference's foreach kernels,
 # PEFT's LoRA product) grows through training: measured differences are far below this bound
@@ -336,6 +336,20 @@ def parity(model_dir: Path, data: str, task: str, method: str, steps: int, seed:
     return {**row, "losses": {"sam_peft": ours["losses"], "reference": theirs}, "ours": ours}
 
 
+def render_table(summary: list[dict]) -> str:
+    """summary.json as a Markdown table (results/parity_exact/table.md)."""
+    lines = ["| method | task | steps | loss: max abs diff | loss: max relative diff | final weights: L2 diff / "
+             "L2 update | untrained entries bitwise theta0 on both sides | within tolerance |",
+             "|:--|:--|--:|--:|--:|--:|:--|:--|"]
+    for r in summary:
+        lines.append(f"| {r['method']} | {r['task']} | {r['steps']} | {r['max_abs_loss_diff']:.3g} | "
+                     f"{r['max_rel_loss_diff']:.3g} | {r['rel_weight_diff']:.3g} | "
+                     f"{'yes' if r['frozen_identical'] else 'NO'} | {'yes' if r['within'] else 'NO'} |")
+    return ("\n".join(lines) + f"\n\nTolerance: {TOLERANCE:g}, for the per-step loss (relative) and for the final "
+            "weights (L2 of the difference over the L2 of sam-peft's update, the attention key biases left out: "
+            "their gradient is 0 but for rounding noise).\n")
+
+
 def link_standin_model(model: str) -> None:
     if model == "models/all-MiniLM-L6-v2" and not (ROOT / model).exists():
         try:
@@ -355,8 +369,16 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/parity_exact")
+    parser.add_argument("--report-only", action="store_true", help="rewrite <out>/table.md from <out>/summary.json")
     args = parser.parse_args(argv)
     try:
+        if args.report_only:
+            summary_path = Path(args.out) / "summary.json"
+            if not summary_path.is_file():
+                raise UserError(f"{summary_path}: no such file (run the study first)")
+            atomic_write_text(Path(args.out) / "table.md", render_table(json.loads(summary_path.read_text())))
+            print(f"wrote {Path(args.out) / 'table.md'}")
+            return 0
         for task in args.tasks:
             if task not in TASKS:
                 raise UserError(f"--tasks: '{task}' has no pooled-head reference model (one of {', '.join(TASKS)})")
@@ -391,6 +413,7 @@ def main(argv=None) -> int:
         import transformers
 
         atomic_write_json(out / "summary.json", summary)
+        atomic_write_text(out / "table.md", render_table(summary))
         atomic_write_json(out / "provenance.json", {
             "command": "python scripts/parity_exact.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": __import__("sam_peft.device", fromlist=["machine"]).machine(torch.device("cpu")),

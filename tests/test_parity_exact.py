@@ -77,3 +77,15 @@ def test_bad_arguments_are_one_line(capsys):
     assert pe.main(["--methods", "adapter"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "copa" in err[0] and "adapter" in err[1]
+
+
+def test_report_only_renders_the_summary(tmp_path, capsys):
+    import json
+
+    pe = _script()
+    row = {"method": "sam", "task": "stsb", "steps": 200, "max_abs_loss_diff": 9.2e-6, "max_rel_loss_diff": 7.2e-6,
+           "rel_weight_diff": 2.6e-6, "frozen_identical": True, "tolerance": pe.TOLERANCE, "within": True}
+    (tmp_path / "summary.json").write_text(json.dumps([row]))
+    assert pe.main(["--out", str(tmp_path), "--report-only"]) == 0
+    assert "| sam | stsb | 200 | 9.2e-06 | 7.2e-06 | 2.6e-06 | yes | yes |" in (tmp_path / "table.md").read_text()
+    assert pe.main(["--out", str(tmp_path / "none"), "--report-only"]) == 2
