@@ -22,7 +22,8 @@ Random, MagPruning) with transformers.Trainer, sam-peft's chosen entries as a gr
 hook) and an AdamW whose step updates and decays only the chosen entries.
 
 Output: <out>/summary.json, a list of {method, task, steps, max_abs_loss_diff,
-max_rel_loss_diff, rel_weight_diff (L2, of the final weights, relative to the update),
+max_rel_loss_diff, rel_weight_diff (L2, of the final weights, relative to the update, the
+attention key biases left out; rel_weight_diff_with_key_biases with them),
 frozen_identical (every entry the plan did not train is bitwise theta0 on both sides), tolerance,
 within}, and <out>/losses/<method>-<task>.json with both loss curves; a rerun recomputes. The tolerance (TOLERANCE) is a relative difference of 1e-3 at every
 step; README of <out> says why. Exit 1 when a row exceeds it, 2 on bad input.
@@ -189,17 +190,22 @@ def compare_weights(ours: dict, theirs: dict[str, torch.Tensor]) -> dict:
     biases and 5.8e-7 without them (results/parity_exact/README.md). It is still checked for
     frozen entries."""
     init, final, trained = ours["init"], ours["final"], ours["trained"]
-    diff_sq = update_sq = 0.0
+    diff_sq = update_sq = noise_diff_sq = noise_update_sq = 0.0
     frozen_identical = True
     for n, value in final.items():
         ref = theirs[hf_name(n)]
-        if not n.endswith(NOISE_ONLY):
-            diff_sq += float((value.double() - ref.double()).square().sum())
-            update_sq += float((value.double() - init[n].double()).square().sum())
+        d = float((value.double() - ref.double()).square().sum())
+        u = float((value.double() - init[n].double()).square().sum())
+        if n.endswith(NOISE_ONLY):
+            noise_diff_sq, noise_update_sq = noise_diff_sq + d, noise_update_sq + u
+        else:
+            diff_sq, update_sq = diff_sq + d, update_sq + u
         untrained = ~trained[n]
         frozen_identical &= bool(torch.equal(ref[untrained], init[n][untrained]))
         frozen_identical &= bool(torch.equal(value[untrained], init[n][untrained]))
-    return {"rel_weight_diff": (diff_sq / max(update_sq, 1e-300)) ** 0.5, "frozen_identical": frozen_identical}
+    everything = ((diff_sq + noise_diff_sq) / max(update_sq + noise_update_sq, 1e-300)) ** 0.5
+    return {"rel_weight_diff": (diff_sq / max(update_sq, 1e-300)) ** 0.5, "rel_weight_diff_with_key_biases": everything,
+            "frozen_identical": frozen_identical}
 
 
 def reference_side(model_dir: Path, cfg, method: str, ours: dict, perturb: str | None = None):
@@ -368,6 +374,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="one learning rate for every row (default: each row's, LEARNING_RATES)")
     parser.add_argument("--out", default="results/parity_exact")
     parser.add_argument("--report-only", action="store_true", help="rewrite <out>/table.md from <out>/summary.json")
     args = parser.parse_args(argv)
@@ -399,7 +407,7 @@ def main(argv=None) -> int:
             summary = []
             for task in args.tasks:
                 for method in args.methods:
-                    row = parity(model, args.data, task, method, args.steps, args.seed)
+                    row = parity(model, args.data, task, method, args.steps, args.seed, lr=args.lr)
                     losses = row.pop("losses")
                     row.pop("ours")
                     summary.append(row)
