@@ -38,6 +38,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import types
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -285,7 +286,7 @@ def reference_side(model_dir: Path, cfg, method: str, ours: dict, perturb: str |
             if masks and not getattr(opt, "_masked", False):
                 inner = opt.step
 
-                def step(*a, **k):
+                def step(self, *a, **k):
                     before = {p: p.detach().clone() for p in masks}
                     out = inner(*a, **k)
                     if perturb != "decay_frozen_entries":
@@ -294,7 +295,8 @@ def reference_side(model_dir: Path, cfg, method: str, ours: dict, perturb: str |
                                 p.copy_(torch.where(m, p, before[p]))
                     return out
 
-                opt.step, opt._masked = step, True
+                # A bound method, as torch's lr scheduler expects of `optimizer.step` (it wraps its __func__).
+                opt.step, opt._masked = types.MethodType(step, opt), True
             return opt
 
     batches = [{k: v for k, v in b.items() if k in HF_INPUTS} for b in ours["batches"]]
