@@ -1,25 +1,17 @@
 """scripts/compare_precision.py: two results directories compared run by run (fp32 against bf16)."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import ttest_ind, ttest_rel
 
-from util import write_run
+from util import load_script, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("compare_precision", ROOT / "scripts" / "compare_precision.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cells_are_matched_by_row_task_and_seed(tmp_path, capsys):
-    script = load_script()
+    script = load_script("compare_precision")
     fp32 = {0: 70.0, 1: 72.0, 2: 74.0}
     bf16 = {0: 70.5, 1: 71.0, 2: 74.0, 3: 99.0}  # seed 3 has no fp32 twin: left out
     for seed, v in fp32.items():
@@ -43,7 +35,7 @@ def test_cells_are_matched_by_row_task_and_seed(tmp_path, capsys):
 
 
 def test_no_common_run_is_an_error_exit_2(tmp_path, capsys):
-    script = load_script()
+    script = load_script("compare_precision")
     write_run(tmp_path / "a", "sam", "rte", 0, 70.0)
     write_run(tmp_path / "b", "sam", "cb", 0, 70.0)
     assert script.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
@@ -54,7 +46,7 @@ def test_no_common_run_is_an_error_exit_2(tmp_path, capsys):
 
 
 def test_an_unwritable_output_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
-    script = load_script()
+    script = load_script("compare_precision")
     write_run(tmp_path / "a", "sam", "rte", 0, 70.0)
     write_run(tmp_path / "b", "sam", "rte", 0, 71.0)
     out = tmp_path / "no_such_folder" / "cmp.md"

@@ -18,7 +18,6 @@ import pytest
 import torch
 from torch import nn
 
-import sam_peft.optim as optim
 from sam_peft.config import TrainConfig, build_config
 from sam_peft.data import LengthGroupedSampler
 from sam_peft.engine import SelectContext, learning_rate
@@ -27,20 +26,7 @@ from sam_peft.methods.diffprune import _key
 from sam_peft.model import TaskModel
 from sam_peft.selection import budget, per_tensor_quotas, topk_flat
 from sam_peft.tasks import get_task
-from util import HandEncoder, hand_trainer
-
-
-def lr_trace(tr, monkeypatch) -> list[float]:
-    """The learning rate of every weight update of a fit (the PlanOptimizer's steps)."""
-    seen = []
-    orig = optim.PlanOptimizer.step
-
-    def spy(self, lr):
-        seen.append(lr)
-        return orig(self, lr)
-
-    monkeypatch.setattr(optim.PlanOptimizer, "step", spy)
-    return seen
+from util import HandEncoder, hand_trainer, lr_trace
 
 
 # ------------------------------------------------------------------------ 1. burn-in and the schedule
@@ -54,7 +40,7 @@ def test_sam_burnin_is_not_a_training_step(monkeypatch):
     for name, method in (("sam", {"name": "sam", "density": 0.1, "burnin_steps": 7}), ("full", {"name": "full"})):
         evals = []
         tr = hand_trainer(method, log_eval=evals.append, **protocol)
-        lrs = lr_trace(tr, monkeypatch)
+        lrs = lr_trace(monkeypatch)
         fit = tr.fit()
         monkeypatch.undo()
         runs[name] = (fit, list(lrs), [e["step"] for e in evals])
@@ -71,7 +57,7 @@ def test_training_burnins_are_training_steps(monkeypatch):
                    {"name": "childprune", "density": 0.1, "burnin_steps": 4},
                    {"name": "magprune", "density": 0.1, "burnin_steps": 4}):
         tr = hand_trainer(method, max_steps=12, eval_every=4, warmup=0.25, lr=0.01)
-        lrs = lr_trace(tr, monkeypatch)
+        lrs = lr_trace(monkeypatch)
         fit = tr.fit()
         monkeypatch.undo()
         assert (fit.steps, fit.burnin_steps, fit.scoring_steps) == (12, 4, 0), method["name"]

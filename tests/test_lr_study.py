@@ -4,21 +4,19 @@ the report writes its files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 
 from sam_peft.sweep import load_sweep
 
+from util import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("lr_study", ROOT / "scripts" / "lr_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("lr_study")
 
 
 def _score(row: str, lr: float, seed: int) -> tuple[float, float]:

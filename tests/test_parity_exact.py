@@ -4,24 +4,20 @@ FullTuning, BitFit, LoRA and the mask rows; and each injected bug exceeds the to
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the test extra)")
 
+from util import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
 
 
 def _script():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("parity_exact", ROOT / "scripts" / "parity_exact.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("parity_exact")
 
 
 @pytest.fixture(scope="module")

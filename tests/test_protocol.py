@@ -8,24 +8,11 @@ import json
 import pytest
 import torch
 
-import sam_peft.optim as optim
 from sam_peft.cli import main
 from sam_peft.config import build_config, run_id
 from sam_peft.engine import learning_rate, schedule
 from sam_peft.errors import UserError
-from util import hand_trainer
-
-
-def lr_trace(monkeypatch) -> list[float]:
-    seen = []
-    orig = optim.PlanOptimizer.step
-
-    def spy(self, lr):
-        seen.append(lr)
-        return orig(self, lr)
-
-    monkeypatch.setattr(optim.PlanOptimizer, "step", spy)
-    return seen
+from util import hand_trainer, lr_trace
 
 
 # ------------------------------------------------------------------------ the authors' schedule

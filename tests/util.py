@@ -188,3 +188,36 @@ def write_run(root: Path, method: str, task: str, seed: int, test: float, *, tra
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"task": task, "method": options, "seed": seed,
                                                          "label": label}))
     return run_dir
+
+
+# ---------------------------------------------------------------- scripts/ and the schedule's trace
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ on sys.path too: a script may import a sibling)."""
+    import importlib.util
+    import sys
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    if str(scripts) not in sys.path:
+        sys.path.insert(0, str(scripts))
+    spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lr_trace(monkeypatch) -> list[float]:
+    """The learning rate of every weight update of a fit (the PlanOptimizer's steps), as a list
+    that fills while the fit runs."""
+    import sam_peft.optim as optim
+
+    seen = []
+    orig = optim.PlanOptimizer.step
+
+    def spy(self, lr):
+        seen.append(lr)
+        return orig(self, lr)
+
+    monkeypatch.setattr(optim.PlanOptimizer, "step", spy)
+    return seen
