@@ -7,7 +7,8 @@ runs here in a fresh temporary folder, never in the repository:
   as a user in a checkout would), and the environment variable SAM_PEFT_REPO names the repository;
 - python blocks run with this interpreter, the repository on PYTHONPATH;
 - bash blocks run with `bash -euo pipefail`, this interpreter's bin folder (`sam-peft`) first on PATH;
-- the Hugging Face hub is off (HF_HUB_OFFLINE), as on a machine without network.
+- the Hugging Face hub is off (HF_HUB_OFFLINE), as on a machine without network, and torch uses one
+  thread (OMP_NUM_THREADS=1 unless set).
 A block fails the test when it exits non-zero, prints a Python traceback or runs past TIMEOUT_S; the
 failure names the file and line of the block.
 """
@@ -84,6 +85,9 @@ def run_block(block: Block, tmp_path: Path) -> tuple[int, str, float]:
     work.mkdir()
     shutil.copytree(ROOT / "configs", work / "configs")
     env = dict(os.environ)
+    # One intra-op thread unless told otherwise: these models are tiny, and several threads are much
+    # slower when other processes share the cores (a test run beside an experiment).
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(SAM_PEFT_REPO=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                WANDB_DISABLED="true", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
