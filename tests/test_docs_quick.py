@@ -159,15 +159,24 @@ def test_readme_is_a_front_page():
         assert f"(docs/{page}.md" in text, f"the README's docs index lacks docs/{page}.md"
 
 
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    headings = [line.lstrip("#").strip() for line in page.read_text(encoding="utf-8").splitlines()
+                if re.match(r"#{1,6} ", line)]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
 def test_relative_links_resolve():
     link = re.compile(r"\]\(([^)\s]+)\)")
     broken = []
     for page in OWN_PAGES:
         for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
             for target in link.findall(line):
-                if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                if re.match(r"[a-z]+:", target):
                     continue
-                if not (page.parent / target.split("#")[0]).exists():
+                path, _, anchor = target.partition("#")
+                linked = page.parent / path if path else page
+                if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
                     broken.append(f"{page.relative_to(ROOT)}:{n}: {target}")
     assert not broken, "\n".join(broken)
 
