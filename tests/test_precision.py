@@ -31,7 +31,7 @@ def _dtype(precision: str, native: bool, monkeypatch) -> torch.dtype | None:
 
 
 def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_on_others(monkeypatch):
-    # bf16 left the stand-in's means over seeds unchanged on an AMX CPU (README, train.precision).
+    # bf16 left the stand-in's means over seeds unchanged on an AMX CPU (docs/results.md, "bf16 on a CPU").
     assert _dtype("auto", True, monkeypatch) is torch.bfloat16
     assert _dtype("auto", False, monkeypatch) is None
     for native in (False, True):

@@ -291,7 +291,7 @@ def test_every_shipped_config_says_which_batching_it_uses():
 
 
 def test_a_grid_over_a_method_option_leaves_out_methods_without_it(tmp_path, capsys):
-    """The README's `grid.method.density=[0.01]` on the demo sweep: methods without a density run once,
+    """docs/sweeps.md's `grid.method.density=[0.01]` on the demo sweep: methods without a density run once,
     unlabelled by it, with a notice; a key no method has stays an error."""
     path = write_sweep(tmp_path, tasks=["rte"], methods=["full", {"name": "sam", "burnin_steps": 2}, "bitfit"])
     sweep = load_sweep(path, ["grid.method.density=[0.01, 0.02]"])
