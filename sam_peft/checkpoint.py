@@ -2,9 +2,9 @@
 
 - `snapshot` / `restore`: copies of everything the main phase can change (the plan's tensors,
   its chosen entries, own groups, the head, the method's state): early stopping keeps the best.
-- `capture` / `resume_into`: the whole training state of a Trainer at a step (weights, optimizer
-  moments, data position, every random generator, early-stopping counters, the unlogged train
-  losses), so that a resumed run ends with the result of an uninterrupted one. The method's
+- `capture`: the whole training state of a Trainer at a step (its state_dict: weights, optimizer
+  moments, data position, every random generator, the unlogged train losses; and the
+  early-stopping counters), so that a resumed run ends with the result of an uninterrupted one. The method's
   selection is not stored: it is replayed (burn-ins are deterministic) and checked against the
   saved plan.
 """
@@ -76,44 +76,24 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # ------------------------------------------------------------------------ a trainer's state
 
 
-def _plan_record(plan: TrainPlan) -> dict:
+def capture(trainer_state: dict, stopping) -> dict:
+    """A checkpoint: the trainer's state (engine.Trainer.state_dict) and the early-stopping counters."""
+    return {"format": FORMAT, **trainer_state, "early_stopping": stopping.state_dict()}
+
+
+def plan_record(plan: TrainPlan) -> dict:
     return {"dense": list(plan.dense), "sparse": {n: i.cpu() for n, i in plan.sparse.items()},
             "train_head": plan.train_head, "groups": plan.group_names()}
 
 
-def capture(trainer, plan: TrainPlan, stopping) -> dict:
-    """Everything needed to continue `trainer` exactly from its current step."""
-    return {
-        "format": FORMAT,
-        "step": trainer.step,
-        "plan": _plan_record(plan),
-        "weights": snapshot(trainer.model, trainer.params, plan, trainer.method),
-        "method": trainer.method.training_state(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "sampler": trainer.batches.state_dict(),
-        "rng": rng_state(trainer.device),
-        "early_stopping": stopping.state_dict(),
-        "train_log": trainer.train_log.state(),
-    }
-
-
-def resume_into(trainer, ckpt: dict, plan: TrainPlan):
-    """Load a captured state into a trainer whose selection was replayed; returns the early-stopping
-    state. Raises CheckpointMismatch if the replayed selection is not the saved one."""
-    saved, now = ckpt["plan"], _plan_record(plan)
+def check_plan(saved: dict, plan: TrainPlan) -> None:
+    """Raises CheckpointMismatch if the replayed selection is not the one a checkpoint saved."""
+    now = plan_record(plan)
     same = (saved["dense"] == now["dense"] and saved["train_head"] == now["train_head"]
             and saved.get("groups", []) == now["groups"] and saved["sparse"].keys() == now["sparse"].keys()
             and all(torch.equal(saved["sparse"][n], now["sparse"][n]) for n in now["sparse"]))
     if not same:
         raise CheckpointMismatch("the replayed selection differs from the checkpoint's")
-    restore(trainer.params, plan, ckpt["weights"], trainer.method)
-    trainer.method.load_training_state(ckpt["method"])
-    trainer.optimizer.load_state_dict(ckpt["optimizer"])
-    trainer.batches.load_state_dict(ckpt["sampler"])
-    set_rng_state(ckpt["rng"], trainer.device)
-    trainer.step = int(ckpt["step"])
-    trainer.train_log.load(ckpt["train_log"])
-    return ckpt["early_stopping"]
 
 
 def load(path, config_hash: str, log) -> dict | None:

@@ -26,17 +26,12 @@ from torch import nn
 
 from sam_peft import checkpoint as ckpt_lib
 from sam_peft import metrics as metrics_lib
-from sam_peft.data import TaskData, TrainStream, collate, eval_batches, to_device  # noqa: F401 (re-exported)
+from sam_peft.data import TaskData, TrainStream, collate, eval_batches, to_device
 from sam_peft.device import autocast_dtype
 from sam_peft.errors import UserError
-from sam_peft.methods.base import Method, TrainPlan
-from sam_peft.optim import PlanOptimizer
-from sam_peft.params import eligible_names, head_names, layernorm_names, no_decay_names  # noqa: F401 (re-exported)
-from sam_peft.scoring import GradientStats
-from sam_peft.selection import budget, tie_report, topk_entries
-
-CHECKPOINT_FORMAT = ckpt_lib.FORMAT
-CheckpointMismatch = ckpt_lib.CheckpointMismatch
+from sam_peft.methods.base import Method, SelectContext, TrainPlan
+from sam_peft.optim import PlanOptimizer, plan_optimizer
+from sam_peft.params import head_names
 
 
 def learning_rate(step: int, base: float, horizon: int, warmup_steps: int) -> float:
@@ -56,73 +51,6 @@ def schedule(t, batches_per_epoch: int) -> tuple[int, int]:
     horizon = t.max_steps if t.schedule_epochs is None else t.schedule_epochs * batches_per_epoch
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup * horizon)
     return horizon, warmup
-
-
-# ------------------------------------------------------------------------ what methods see
-
-
-class SelectContext:
-    """What the engine offers a method's `select`: eligible parameters, theta0, budgets, burn-ins.
-
-    Two kinds of burn-in, and the difference matters for fairness between methods:
-    - `accumulate_gradients`: scoring batches (forward and backward, no update). They are not
-      training steps: the schedule, the evaluation cadence, `min_steps` and `max_steps` count
-      only steps that update weights (SAM's burn-in, ChildTuning-D's Fisher pass).
-    - `train`: steps that update weights (ChildPruning's, DiffPruning's and MagPruning's
-      authors' burn-ins). They are training steps of the one schedule every method shares.
-    """
-
-    def __init__(self, trainer: "Trainer"):
-        self._t = trainer
-        self.model = trainer.model
-        self.eligible: dict[str, nn.Parameter] = {n: trainer.params[n] for n in trainer.eligible}
-        self.theta0 = trainer.theta0
-        self.m = sum(p.numel() for p in self.eligible.values())
-        self.head = head_names(trainer.model)
-        self.seed = trainer.seed
-        # Randomness of the selection itself (Random's subset, Bernoulli masks): its own stream.
-        self.generator = torch.Generator().manual_seed(1_000_003 * trainer.seed + 7)
-        self.device = trainer.device
-        self.grad_clip = trainer.t.grad_clip  # the protocol's max gradient norm
-        self.selection: dict | None = None  # selection.tie_report of the last topk
-
-    @property
-    def step(self) -> int:
-        """Training steps (weight updates) done so far."""
-        return self._t.step
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Training batches in one pass over the train split (the last one may be partial)."""
-        return self._t.batches.batches_per_epoch
-
-    def budget(self, density: float, m: int | None = None) -> int:
-        """floor(density * m); m defaults to all eligible entries."""
-        return budget(density, self.m if m is None else m)
-
-    def topk(self, scores: dict[str, torch.Tensor], density: float, mode: str = "global") -> dict[str, torch.Tensor]:
-        """Exactly floor(density * m) entries with the largest scores, m = the entries scored
-        (all eligible ones unless a method scores fewer); see selection.py."""
-        m = sum(s.numel() for s in scores.values())
-        chosen = topk_entries(scores, self.budget(density, m), mode)
-        self.selection = tie_report(scores, chosen)
-        return chosen
-
-    def accumulate_gradients(self, n_batches: int, stats=("sum",), names: list[str] | None = None,
-                             clip: float = 0.0, clip_mode: str = "global") -> dict[str, dict[str, torch.Tensor]]:
-        """Run n scoring batches forward/backward without updating anything.
-
-        Returns {stat: {name: tensor}} (see scoring.py) over `names` (default: every eligible
-        parameter). `clip` > 0 clips each batch's gradients first (scoring.py's clip modes).
-        """
-        return self._t.accumulate_gradients(n_batches, stats, names, clip, clip_mode)
-
-    def train(self, n_steps: int, plan: TrainPlan) -> None:
-        """Train n steps with `plan` (plus the head), e.g. a full fine-tuning burn-in."""
-        self._t.train_phase(plan, n_steps)
-
-    def full_plan(self) -> TrainPlan:
-        return TrainPlan(dense=list(self.eligible))
 
 
 # ------------------------------------------------------------------------ bookkeeping
@@ -283,6 +211,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype(self.t.precision, self.device)
         self.batches = TrainStream(data, self.t.batch_size, self.seed, self.t.group_by_length, self.device)
         self.optimizer: PlanOptimizer | None = None
+        self.plan: TrainPlan | None = None  # the main phase's, once select() has run
         self._announced_scoring = 0  # scoring batches counted in the progress total from the start
         self.selection: dict | None = None  # how the method's top-k went (selection.tie_report)
         self.progress = Progress(False, 0, desc)
@@ -309,34 +238,26 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def next_batch(self) -> dict:
-        return self.batches.next()
-
     def _tick(self, **postfix) -> None:
         self.progress.to(self.scoring_steps + self.step, **postfix)
 
     # -------------------------------------------------------------- what trains
-    def set_trainable(self, plan: TrainPlan) -> None:
-        """requires_grad only where the plan trains: frozen tensors compute no weight gradient."""
-        trained = (set(plan.dense) | set(plan.group_names()) | {n for n, i in plan.sparse.items() if i.numel()}
-                   | (set(head_names(self.model)) if plan.train_head else set()))
-        for n, p in self.model.named_parameters():
-            p.requires_grad_(n in trained)
+    def select_context(self) -> SelectContext:
+        """The SelectContext a method's select() gets from this trainer (its SelectionHost)."""
+        return SelectContext(self.model, self.eligible, self.theta0, self, seed=self.seed, device=self.device,
+                             grad_clip=self.t.grad_clip, head=head_names(self.model))
 
     def build_optimizers(self, plan: TrainPlan) -> None:
+        """Freeze what the plan does not train; one PlanOptimizer for what it does (and the head)."""
         self.params = dict(self.model.named_parameters())  # methods may have added parameters
-        self.set_trainable(plan)
         t = self.t
         dense = list(plan.dense) + (head_names(self.model) if plan.train_head else [])
-        no_decay = no_decay_names(self.model) | set(plan.no_decay)
-        self.optimizer = PlanOptimizer(self.params, dense, plan.sparse, plan.groups, no_decay,
-                                       t.lr, t.adam_betas, t.adam_eps, t.weight_decay, t.grad_clip, self.device.type)
-
-    def optimizer_state_bytes(self) -> int:
-        return self.optimizer.state_bytes() if self.optimizer else 0
+        self.optimizer = plan_optimizer(self.model, dense, plan.sparse, plan.groups, extra_no_decay=plan.no_decay,
+                                        lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay,
+                                        max_grad_norm=t.grad_clip)
 
     # -------------------------------------------------------------- one step of each kind
-    def train_step(self) -> torch.Tensor:
+    def train_step(self, after_step=None) -> torch.Tensor:
         model, method = self.model, self.method
         model.train()
         batch = self.batches.next()
@@ -351,21 +272,20 @@ class Trainer:
         for p in model.parameters():  # also tensors that train nowhere (e.g. empty selections)
             p.grad = None
         self.step += 1
+        if after_step is not None:  # a burn-in's own work after each step (ChildPruning's projection)
+            after_step(self.step)
         method.after_step(model, self.step)
         loss = loss.detach()
         self.train_log.add(self.step, loss, lr)
         return loss
 
-    def accumulate_gradients(self, n_batches: int, stats, names=None, clip: float = 0.0,
-                             clip_mode: str = "global") -> dict[str, dict[str, torch.Tensor]]:
-        """Scoring batches (SelectContext.accumulate_gradients): no update, no training step."""
-        names = list(self.eligible) if names is None else list(names)
-        # Global clipping takes its norm over the model's gradients, the head's included, as
-        # clip_grad_norm_(model.parameters()) did in the authors' runner: the head computes one.
-        with_head = bool(clip) and clip_mode == "global"
-        self.set_trainable(TrainPlan(dense=names, train_head=with_head))
-        acc = GradientStats({n: self.params[n] for n in names}, stats, clip, clip_mode,
-                            norm_extra=[self.params[n] for n in head_names(self.model)] if with_head else [])
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.batches.batches_per_epoch
+
+    def scoring_batches(self, n_batches: int):
+        """Scoring batches (SelectContext.accumulate_gradients): forward and backward, no update,
+        no training step; yields after each backward pass."""
         unannounced = self.scoring_steps + n_batches - self._announced_scoring
         self.progress.grow(max(0, min(n_batches, unannounced)))
         model = self.model
@@ -376,18 +296,39 @@ class Trainer:
             with self.autocast():
                 loss = model.loss(model(batch), batch["labels"])
             loss.backward()
-            acc.add()
-            model.zero_grad(set_to_none=True)
+            yield loss
             self.scoring_steps += 1
             self._tick(loss=f"{loss.item():.4f}", phase="scoring")
-        return acc.sums
 
-    def train_phase(self, plan: TrainPlan, n_steps: int) -> None:
+    def train(self, n_steps: int, plan: TrainPlan, after_step=None) -> None:
         """Train n steps with a plan (a training burn-in); no evaluation."""
         self.build_optimizers(plan)
         for _ in range(n_steps):
-            loss = self.train_step()
+            loss = self.train_step(after_step)
             self._tick(loss=f"{loss.item():.4f}", phase="burn-in")
+
+    # -------------------------------------------------------------- resumable state
+    def state_dict(self) -> dict:
+        """Everything continuing the main phase from this step needs (checkpoint.capture saves it
+        with the early-stopping counters): the plan, its weights, the optimizer moments, the data
+        position, every random generator and the unlogged training losses."""
+        return {"step": self.step, "plan": ckpt_lib.plan_record(self.plan),
+                "weights": ckpt_lib.snapshot(self.model, self.params, self.plan, self.method),
+                "method": self.method.training_state(), "optimizer": self.optimizer.state_dict(),
+                "sampler": self.batches.state_dict(), "rng": ckpt_lib.rng_state(self.device),
+                "train_log": self.train_log.state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict, after select() was replayed (burn-ins are deterministic);
+        raises checkpoint.CheckpointMismatch if the replayed selection is not the saved one."""
+        ckpt_lib.check_plan(state["plan"], self.plan)
+        ckpt_lib.restore(self.params, self.plan, state["weights"], self.method)
+        self.method.load_training_state(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["sampler"])
+        ckpt_lib.set_rng_state(state["rng"], self.device)
+        self.step = int(state["step"])
+        self.train_log.load(state["train_log"])
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, split: str, limit: int | None = None) -> dict:
@@ -412,17 +353,19 @@ class Trainer:
         self.progress = Progress(self._progress_on, t.max_steps + self._announced_scoring, self.desc)
         try:
             t0 = time.perf_counter()
-            ctx = SelectContext(self)
+            ctx = self.select_context()
             plan = self.method.select(self.model, ctx)
             timings["select_s"] = time.perf_counter() - t0
             burnin = self.step
             if self.step >= t.max_steps:  # config validation rejects this for every shipped method
                 raise UserError(f"method '{self.method.name}': its burn-in took {self.step} training steps, "
                                 f"train.max_steps is {t.max_steps}: no main-phase step is left")
+            self.plan = plan
             self.build_optimizers(plan)
             st = EarlyStopping(best_step=self.step)
             if resume is not None:
-                st = EarlyStopping.from_state(ckpt_lib.resume_into(self, resume, plan))
+                self.load_state_dict(resume)
+                st = EarlyStopping.from_state(resume["early_stopping"])
                 self._tick()
             stopped = "max_steps"
             t1 = time.perf_counter()
@@ -439,8 +382,8 @@ class Trainer:
                     break
                 every = t.checkpoint_every
                 if self.checkpoint and (at_eval if every == "eval" else every and self.step % every == 0):
-                    self.checkpoint(ckpt_lib.capture(self, plan, st))
-            opt_bytes = self.optimizer_state_bytes()  # AdamW allocates its state at the first step
+                    self.checkpoint(ckpt_lib.capture(self.state_dict(), st))
+            opt_bytes = self.optimizer.state_bytes()  # AdamW allocates its state at the first step
             timings["train_s"] = time.perf_counter() - t1 - st.eval_s
             timings["eval_s"] = st.eval_s
             ckpt_lib.restore(self.params, plan, st.best, self.method)

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from sam_peft.params import no_decay_names, set_trainable
+
 
 class SparseAdamW:
     """AdamW over `entries`: a list of (parameter, sorted flat indices, weight decay)."""
@@ -162,9 +164,11 @@ class PlanOptimizer:
             if opt is not None:
                 self.own.append((ps, opt))
 
-    def step(self, lr: float) -> None:
+    def step(self, lr: float) -> torch.Tensor | None:
+        """One update; returns the main part's gradient norm before clipping (over the trained
+        entries and dense tensors only), or None when nothing had a gradient."""
         sparse_g = self.sparse.gather_grads() if self.sparse else None
-        clip_(self.dense_params, sparse_g, self.max_grad_norm)
+        norm = clip_(self.dense_params, sparse_g, self.max_grad_norm)
         if self.dense is not None:
             for g in self.dense.param_groups:
                 g["lr"] = lr
@@ -175,6 +179,7 @@ class PlanOptimizer:
         for ps, opt in self.own:
             clip_(ps, None, self.max_grad_norm)
             opt.step()
+        return norm
 
     def zero_grad(self) -> None:
         if self.dense is not None:
@@ -200,3 +205,23 @@ class PlanOptimizer:
             self.sparse.load_state_dict(state["sparse"])
         for (_, opt), s in zip(self.own, state["own"]):
             opt.load_state_dict(s)
+
+
+def plan_optimizer(model, dense: list[str], sparse: dict, groups=(), *, extra_no_decay=(), no_decay=None,
+                   lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                   max_grad_norm: float = 1.0) -> PlanOptimizer:
+    """Freeze everything the plan does not train, and build the one optimizer that trains it.
+
+    The engine, the library's SparseTrainer and the HF Trainer integration all come through here:
+    one freezing rule (params.set_trainable) and one weight-decay rule (params.no_decay_names, or
+    `no_decay` names given instead; `extra_no_decay` added, e.g. DiffPruning's diffs of biases).
+    """
+    params = dict(model.named_parameters())
+    unknown = [n for n in [*dense, *sparse, *(n for g in groups for n in g.names)] if n not in params]
+    if unknown:
+        raise KeyError(f"no parameter named {unknown[0]!r} in the model")
+    set_trainable(model, set(dense) | {n for g in groups for n in g.names} | {n for n, i in sparse.items() if i.numel()})
+    skip = (no_decay_names(model) if no_decay is None else set(no_decay)) | set(extra_no_decay)
+    device_type = next(iter(params.values())).device.type if params else "cpu"
+    return PlanOptimizer(params, list(dense), sparse, groups, skip, lr, betas, eps, weight_decay, max_grad_norm,
+                         device_type)

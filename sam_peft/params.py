@@ -81,3 +81,12 @@ def param_group(name: str, kind: str | None) -> str:
     if in_numbered_layer(name):
         return "ffn"  # the rest of a transformer layer: intermediate and output (feed-forward) blocks
     return "other"
+
+
+def set_trainable(model: nn.Module, trained) -> None:
+    """requires_grad only for the named parameters: frozen tensors compute no weight gradient.
+
+    The one freezing rule of the engine, the library and the HF Trainer integration."""
+    trained = set(trained)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trained)

@@ -27,15 +27,16 @@ from sam_peft import checkpoint as ckpt_lib
 from sam_peft import delta as delta_lib
 from sam_peft import metrics as metrics_lib
 from sam_peft.config import RunConfig, config_dict, config_hash
-from sam_peft.data import check_text, drop_examples, encode, load_splits, resolve_data_dir, texts_of
+from sam_peft.checkpoint import CheckpointMismatch
+from sam_peft.data import TaskData, check_text, drop_examples, encode, load_splits, resolve_data_dir, texts_of
 from sam_peft.device import machine, resolve_device, resolved_precision
-from sam_peft.engine import CheckpointMismatch, TaskData, Trainer, eligible_names, head_names
+from sam_peft.engine import Trainer
 from sam_peft.errors import UserError
 from sam_peft.io import append_jsonl, atomic_torch_save, unwritable_folder_reason
 from sam_peft.methods import build_method
 from sam_peft.methods.base import Method
 from sam_peft.model import TaskModel, load_backbone
-from sam_peft.params import GROUPS, param_group, param_kinds
+from sam_peft.params import GROUPS, eligible_names, head_names, param_group, param_kinds
 from sam_peft.rundir import RunDir
 from sam_peft.tasks import TaskSpec, get_task
 
@@ -75,16 +76,15 @@ def check_max_seq_len(cfg: RunConfig, encoder) -> None:
 
 def check_density(cfg: RunConfig, model, eligible: list[str]) -> None:
     """floor(density * m) entries train: none at all is a run that trains only its head."""
-    from sam_peft.selection import budget
+    from sam_peft.selection import zero_budget
 
     density = cfg.method.get("density")
     if density is None:
         return
     params = dict(model.named_parameters())
-    m = sum(params[n].numel() for n in eligible)
-    if m and budget(density, m) == 0:
-        raise UserError(f"method.density {density}: floor(p*m) is 0 for the m = {m:,} eligible entries of "
-                        f"'{cfg.model}', so no entry would train; use at least {1 / m:.3g}")
+    message = zero_budget("method.density", density, sum(params[n].numel() for n in eligible), cfg.model)
+    if message:
+        raise UserError(message)
 
 
 def seed_everything(seed: int) -> None:

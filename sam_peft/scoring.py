@@ -20,6 +20,17 @@ from torch import nn
 STATS = ("sum", "sum_sq", "sum_abs")
 CLIP_MODES = ("global", "per_tensor")
 
+# A selection score -> the gradient statistic it is made from: (sum of gradients)^2 (SAM, the
+# paper's Theorem 3 with D = |lambda_max| I), the Fisher information (sum of squared gradients),
+# and the sum of |gradients| (options of the paper authors' code).
+SCORES = {"squared_sum": "sum", "fisher": "sum_sq", "abs_sum": "sum_abs"}
+
+
+def score_from(sums: dict[str, dict[str, torch.Tensor]], score: str) -> dict[str, torch.Tensor]:
+    """{name: score per entry} from GradientStats.sums holding SCORES[score]."""
+    acc = sums[SCORES[score]]
+    return {n: a.square() for n, a in acc.items()} if score == "squared_sum" else acc
+
 
 def _clip_coef(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     # torch.nn.utils.clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) when that is < 1.

@@ -23,6 +23,15 @@ def budget(density: float, m: int) -> int:
     return int(math.floor(Decimal(repr(float(density))) * m))
 
 
+def zero_budget(key: str, density: float, m: int, model_name: str) -> str | None:
+    """The error message for a density that selects nothing (floor(p*m) = 0), else None: such a
+    run would train only its head. The same words from the CLI, the library and the HF Trainer."""
+    if m and budget(density, m) == 0:
+        return (f"{key} {density}: floor(p*m) is 0 for the m = {m:,} eligible entries of '{model_name}', "
+                f"so no entry would train; use at least {1 / m:.3g}")
+    return None
+
+
 def per_tensor_quotas(sizes: list[int], k: int) -> list[int]:
     """Split k over tensors in proportion to their sizes, summing to exactly k.
 

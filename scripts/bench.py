@@ -48,15 +48,10 @@ sys.path.insert(0, str(ROOT))
 
 from sam_peft import delta as delta_lib  # noqa: E402
 from sam_peft.config import build_config  # noqa: E402
-from sam_peft.data import LengthGroupedSampler, collate  # noqa: E402
+from sam_peft.data import LengthGroupedSampler, TaskData, collate, to_device  # noqa: E402
 from sam_peft.device import cpu_has_native_bf16, resolved_precision  # noqa: E402
-from sam_peft.engine import (  # noqa: E402
-    SelectContext,
-    TaskData,
-    Trainer,
-    eligible_names,
-    to_device,
-)
+from sam_peft.engine import Trainer  # noqa: E402
+from sam_peft.params import eligible_names  # noqa: E402
 from sam_peft.methods import build_method, list_methods  # noqa: E402
 from sam_peft.model import TaskModel  # noqa: E402
 from sam_peft.selection import budget, topk_entries  # noqa: E402
@@ -200,7 +195,7 @@ def time_engine(name, shape, device, data, steps, warmup, compile_, precision: s
     scope = memory_scope(device)
     tr, base_names = make_trainer(name, shape, device, data, steps, compile_, precision)
     t0 = time.perf_counter()
-    plan = tr.method.select(tr.model, SelectContext(tr))
+    plan = tr.method.select(tr.model, tr.select_context())
     select_s = time.perf_counter() - t0
     tr.build_optimizers(plan)
     batches = fixed_batches(data, warmup + steps)
@@ -239,7 +234,7 @@ def time_naive(name, shape, device, data, steps, warmup) -> dict:
     """The authors' setup: fp32, pad to 256, dense AdamW over all parameters, gradients masked."""
     scope = memory_scope(device)
     tr, _ = make_trainer(name, shape, device, data, steps, False)
-    plan = tr.method.select(tr.model, SelectContext(tr))
+    plan = tr.method.select(tr.model, tr.select_context())
     model = tr.model
     params = dict(model.named_parameters())
     masks = {}

@@ -20,7 +20,8 @@ from torch import nn
 
 from sam_peft.config import TrainConfig, build_config
 from sam_peft.data import LengthGroupedSampler
-from sam_peft.engine import SelectContext, learning_rate
+from sam_peft.engine import learning_rate
+from sam_peft.methods.base import SelectContext
 from sam_peft.errors import UserError
 from sam_peft.methods.diffprune import _key
 from sam_peft.model import TaskModel
@@ -127,7 +128,7 @@ def density_after_burnin(**opts) -> float:
     """The mean open probability P(z != 0) of the gates at the end of a 30-step burn-in."""
     tr = hand_trainer({"name": "diffprune", "density": 0.1, "burnin_steps": 30, **opts}, max_steps=31,
                       eval_every=31, lr=0.01)
-    tr.method.select(tr.model, SelectContext(tr))
+    tr.method.select(tr.model, tr.select_context())
     return tr.method.report()["expected_density"][0]["mean_open_probability"]
 
 
@@ -174,7 +175,7 @@ def test_diffprune_authors_projection_is_per_tensor_top_alpha_with_the_gate_drop
         orig_write()
 
     m._write_masked = capture
-    plan = m.select(tr.model, SelectContext(tr))
+    plan = m.select(tr.model, tr.select_context())
     k = budget(0.1, sum(t.numel() for t in tr.theta0.values()))
     quotas = per_tensor_quotas([tr.theta0[n].numel() for n in tr.eligible], k)
     for n, q in zip(tr.eligible, quotas):
@@ -210,7 +211,7 @@ def test_diffprune_per_tensor_alpha_scales_every_gate_of_a_tensor():
 
 def mixout_trainer(**opts):
     tr = hand_trainer({"name": "mixout", "p": 0.7, **opts}, max_steps=4, eval_every=4)
-    plan = tr.method.select(tr.model, SelectContext(tr))
+    plan = tr.method.select(tr.model, tr.select_context())
     tr.build_optimizers(plan)
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
@@ -285,23 +286,23 @@ def test_lora_authors_variant_is_alpha_one_and_kaiming_b():
 # ------------------------------------------------------------------------ 6. SAM
 
 
-def test_sam_clipped_burnin_sums_clipped_gradients():
+def test_sam_clipped_burnin_sums_clipped_gradients(monkeypatch):
     clip = 0.05
     tr = hand_trainer({"name": "sam", "density": 0.1, "burnin_steps": 3, "clip_burnin_grads": True},
                       max_steps=3, eval_every=3, grad_clip=clip)
     got = {}
-    orig = tr.accumulate_gradients
+    orig = SelectContext.accumulate_gradients
 
-    def spy(*args):
-        out = orig(*args)
+    def spy(*args, **kwargs):
+        out = orig(*args, **kwargs)
         got.update(out["sum"])
         return out
 
-    tr.accumulate_gradients = spy
+    monkeypatch.setattr(SelectContext, "accumulate_gradients", spy)
     import copy
 
     model0 = copy.deepcopy(tr.model)
-    tr.method.select(tr.model, SelectContext(tr))
+    tr.method.select(tr.model, tr.select_context())
     # Independently: clip_grad_norm_ over the model (eligible and head) per batch, then sum.
     sampler = iter(LengthGroupedSampler(tr.data.lengths("train"), 8, seed=tr.seed))
     from sam_peft.data import collate
@@ -331,7 +332,7 @@ def test_childtuning_d_fisher_is_the_mean_of_per_tensor_clipped_squared_gradient
     from sam_peft.data import collate
 
     model0 = copy.deepcopy(tr.model)
-    plan = tr.method.select(tr.model, SelectContext(tr))
+    plan = tr.method.select(tr.model, tr.select_context())
     n_batches = math.ceil(len(tr.data.features["train"]) / 8)
     sampler = iter(LengthGroupedSampler(tr.data.lengths("train"), 8, seed=tr.seed))
     params = dict(model0.named_parameters())
@@ -354,7 +355,7 @@ def test_childtuning_d_fisher_is_the_mean_of_per_tensor_clipped_squared_gradient
 def test_childtuning_d_scores_only_the_transformer_layers_by_default():
     tr = hand_trainer({"name": "childprune", "density": 0.1, "variant": "fisher"}, max_steps=3, eval_every=3)
     with pytest.raises(UserError, match="fisher_scope"):  # the hand model has no numbered layers
-        tr.method.select(tr.model, SelectContext(tr))
+        tr.method.select(tr.model, tr.select_context())
 
 
 # ------------------------------------------------------------------------ 8. head initialisation

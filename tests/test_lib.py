@@ -1,5 +1,6 @@
 """The library surface on a plain Hugging Face encoder with a user's own head and loop."""
 
+import pytest
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -49,6 +50,7 @@ def test_select_train_save_apply_on_a_hf_encoder(tmp_path):
     for batch in batches(10, seed=1):
         loss_fn(model, batch).backward()
         trainer.step()
+        trainer.zero_grad()
     changed = sp.count_changed(model, theta0)
     assert 0 < changed <= k
     assert trainer.state_bytes() < 0.1 * 8 * m  # far below a dense AdamW's two moments per entry
@@ -73,3 +75,81 @@ def test_other_scores_and_modes():
         for mode in ("global", "per_tensor"):
             mask = sp.top_k(scores, 0.1, mode)
             assert sum(i.numel() for i in mask.values()) == int(0.1 * sum(s.numel() for s in scores.values()))
+
+
+def test_sparse_trainer_is_a_torch_optimizer_that_any_scheduler_drives():
+    """The lr a scheduler sets is the lr of the update: two runs, one at a constant 1e-2 and one
+    whose LambdaLR halves it at every step, differ; a scheduler at factor 1 matches the constant."""
+
+    def run(factor):
+        model = Classifier()
+        encoder = [n for n, _ in model.named_parameters() if n.startswith("bert.")]
+        mask = sp.select(model, "magprune", params=encoder, density=0.05)
+        opt = sp.SparseTrainer(model, mask, lr=1e-2, dense=["head.weight", "head.bias"])
+        assert isinstance(opt, torch.optim.Optimizer)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        lrs = []
+        for batch in batches(4, seed=1):
+            loss_fn(model, batch).backward()
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        return lrs, dict(model.named_parameters())
+
+    lrs_const, const = run(lambda step: 1.0)
+    lrs_half, halved = run(lambda step: 0.5 ** step)
+    assert lrs_const == [1e-2] * 4 and lrs_half == [1e-2, 5e-3, 2.5e-3, 1.25e-3]
+    assert any(not torch.equal(const[n], halved[n]) for n in const)
+    _, again = run(lambda step: 1.0)
+    assert all(torch.equal(const[n], again[n]) for n in const)
+
+
+def test_sparse_trainer_defaults_are_the_hf_integrations():
+    import inspect
+
+    from transformers import TrainingArguments
+
+    defaults = {k: v.default for k, v in inspect.signature(sp.SparseTrainer).parameters.items()}
+    args = TrainingArguments("unused", report_to="none")
+    assert (defaults["lr"], defaults["weight_decay"], defaults["betas"], defaults["eps"], defaults["max_grad_norm"]) \
+        == (args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon,
+            args.max_grad_norm)
+
+
+@pytest.mark.parametrize("selector, options", [
+    ("random", {}), ("magprune", {}), ("sam", {"burnin_steps": 3}),
+    ("childprune", {"variant": "fisher", "fisher_scope": "eligible"}),
+])
+def test_select_runs_every_registered_selector_exactly(selector, options):
+    model = Classifier()
+    encoder = [n for n, _ in model.named_parameters() if n.startswith("bert.")]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mask = sp.select(model, selector, batches=batches(3), loss_fn=loss_fn, params=encoder, batches_per_epoch=3,
+                     density=0.05, **options)
+    m = sum(dict(model.named_parameters())[n].numel() for n in encoder)
+    assert sum(i.numel() for i in mask.values()) == int(0.05 * m)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # left as found
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing updated
+
+
+def test_select_sam_is_top_k_of_sam_scores():
+    model = Classifier()
+    encoder = [n for n, _ in model.named_parameters() if n.startswith("bert.")]
+    expected = sp.top_k(sp.sam_scores(model, batches(3), loss_fn, encoder), 0.05)
+    mask = sp.select(model, "sam", batches=batches(3), loss_fn=loss_fn, params=encoder, density=0.05, burnin_steps=3)
+    assert all(torch.equal(mask[n], expected[n]) for n in expected)
+
+
+def test_select_refuses_what_cannot_select_outside_the_engine_in_one_line():
+    model = Classifier()
+    assert sp.selectors() == ["childprune", "magprune", "random", "sam"]
+    for selector, options, message in [("diffprune", {}, "changes the model while it trains"),
+                                       ("bitfit", {}, "is a subset method"),
+                                       ("magprune", {"burnin_steps": 5}, "trains 5 steps"),
+                                       ("sam", {"density": 1e-7}, "floor(p*m) is 0"),
+                                       ("sam", {"topk": "local"}, "key 'topk'")]:
+        with pytest.raises(ValueError) as err:
+            sp.select(model, selector, **options)
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)

@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 
-from sam_peft.engine import SelectContext
 from sam_peft.methods.mixout import mix
 from util import hand_trainer
 
@@ -14,7 +13,7 @@ from util import hand_trainer
 def selected(method: dict, **train):
     """A trainer whose method has run select() (no burn-in for Mixout)."""
     tr = hand_trainer(method, **train)
-    plan = tr.method.select(tr.model, SelectContext(tr))
+    plan = tr.method.select(tr.model, tr.select_context())
     tr.build_optimizers(plan)
     return tr, plan
 
@@ -70,7 +69,7 @@ def test_gradient_is_lee_et_al_s_backward(mask):
     moved_weights(tr)
     tr.method.before_forward(tr.model, 0)
     keep = {n: k.clone() for n, k in tr.method._keep.items()}
-    batch = tr.next_batch()
+    batch = tr.batches.next()
     tr.model.train()
     tr.model.loss(tr.model(batch), batch["labels"]).backward()
     g = {n: tr.params[n].grad.clone() for n in tr.eligible}  # dL/dw~ for the mixed tensors
@@ -84,7 +83,7 @@ def test_inference_uses_the_plain_weights():
     tr = hand_trainer({"name": "mixout"}, max_steps=8, eval_every=4, lr=0.05)
     tr.fit()
     plain = copy.deepcopy(tr.model)  # the same weights, no method anywhere
-    batch = tr.next_batch()
+    batch = tr.batches.next()
     tr.model.eval()
     plain.eval()
     with torch.no_grad(), tr.method.eval_weights(tr.model, "test"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-from sam_peft.engine import eligible_names
+from sam_peft.params import eligible_names
 from sam_peft.methods import build_method, validate_method_options
 from sam_peft.methods.lora import DEFAULT_TARGETS, resolve_targets, targeted
 from sam_peft.model import TaskModel

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from sam_peft.methods.base import SelectContext
+
 from sam_peft.methods.diffprune import Gates, deterministic_gate, open_probability, sample_gate
 from sam_peft.selection import budget
 from util import hand_trainer
@@ -233,20 +235,20 @@ def test_childprune_projection_keeps_exactly_k_after_every_burnin_step(topk):
     assert all(0.8 * k < counts[s] <= k for s in range(burnin + 1, 16))
 
 
-def test_childprune_fisher_is_one_pass_of_scoring_batches_without_updates():
+def test_childprune_fisher_is_one_pass_of_scoring_batches_without_updates(monkeypatch):
     tr = hand_trainer({"name": "childprune", "density": 0.1, "variant": "fisher", "fisher_scope": "eligible"},
                       max_steps=12, eval_every=6)
     calls = []
-    orig = tr.accumulate_gradients
+    orig = SelectContext.accumulate_gradients
 
-    def spy(n, stats, names, clip, clip_mode):
+    def spy(ctx, n, stats, names, clip, clip_mode):
         before = {name: p.detach().clone() for name, p in tr.params.items()}
-        out = orig(n, stats, names, clip, clip_mode)
+        out = orig(ctx, n, stats, names, clip, clip_mode)
         calls.append((n, tuple(stats), clip, clip_mode,
                       all(torch.equal(p, before[name]) for name, p in tr.params.items())))
         return out
 
-    tr.accumulate_gradients = spy
+    monkeypatch.setattr(SelectContext, "accumulate_gradients", spy)
     fit = tr.fit()
     n_train = len(tr.data.features["train"])
     # One pass, each tensor's gradient clipped on its own to the protocol's max norm (ChildTuning-D).

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from sam_peft.data import LengthGroupedSampler, collate
-from sam_peft.engine import SelectContext
 from util import hand_trainer
 
 
@@ -17,7 +16,7 @@ def test_sam_selection_is_topk_of_accumulated_gradient_score(score, topk):
     tr = hand_trainer({"name": "sam", "density": density, "burnin_steps": burnin, "score": score, "topk": topk},
                       max_steps=burnin, eval_every=1)
     model0 = copy.deepcopy(tr.model)  # the model before anything happens (no dropout in the hand model)
-    plan = tr.method.select(tr.model, SelectContext(tr))
+    plan = tr.method.select(tr.model, tr.select_context())
 
     # The same batches, the same order: the run's training stream.
     sampler = LengthGroupedSampler(tr.data.lengths("train"), tr.t.batch_size, seed=tr.seed,

@@ -21,7 +21,9 @@ from torch import nn
 
 import sam_peft.engine as engine
 from sam_peft.config import build_config
-from sam_peft.engine import TaskData, Trainer, eligible_names
+from sam_peft.data import TaskData
+from sam_peft.engine import Trainer
+from sam_peft.params import eligible_names
 from sam_peft.methods import build_method
 from sam_peft.model import TaskModel
 from sam_peft.rundir import RunDir
@@ -143,10 +145,10 @@ def check_resume(tmp_path, method, monkeypatch):
     cfg = cfg_for(tmp_path / "killed", method)
     real_step = engine.Trainer.train_step
 
-    def dying_step(self):
+    def dying_step(self, *args):
         if self.step == 26:  # after the checkpoint at step 20, before the one at 30
             raise Killed()
-        return real_step(self)
+        return real_step(self, *args)
 
     monkeypatch.setattr(engine.Trainer, "train_step", dying_step)
     with pytest.raises(Killed):

@@ -20,11 +20,17 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from sam_peft.params import set_trainable
+from sam_peft.scoring import GradientStats
+from sam_peft.selection import budget, tie_report, topk_entries
 
 
 class MethodOptions(BaseModel):
@@ -92,6 +98,103 @@ class TrainPlan:
 
     def group_names(self) -> list[str]:
         return [n for g in self.groups for n in g.names]
+
+
+class SelectionHost(Protocol):
+    """Who runs a selection: the CLI's engine (engine.Trainer), the Hugging Face Trainer callback
+    (hf.SparseFineTuning) or the library (lib.select). It supplies the batches; the SelectContext
+    does the rest, so every front door scores, budgets and freezes the same way."""
+
+    step: int  # training steps (weight updates) taken so far
+    batches_per_epoch: int  # training batches in one pass over the train split
+
+    def scoring_batches(self, n: int) -> Iterator[torch.Tensor]:
+        """Run n batches forward and backward (training mode, no update), yielding each loss
+        after its backward pass; the caller reads and clears the gradients before the next."""
+
+    def train(self, n_steps: int, plan: "TrainPlan", after_step: Callable[[int], None] | None = None) -> None:
+        """Take n training steps with `plan` (plus the head), calling after_step(step) after each;
+        a host that cannot (the HF Trainer before its first step) raises."""
+
+
+class SelectContext:
+    """What a method's `select` sees: the eligible parameters, theta0, exact budgets and burn-ins.
+
+    Two kinds of burn-in, and the difference matters for fairness between methods:
+    - `accumulate_gradients`: scoring batches (forward and backward, no update). They are not
+      training steps: the schedule, the evaluation cadence, `min_steps` and `max_steps` count
+      only steps that update weights (SAM's burn-in, ChildTuning-D's Fisher pass).
+    - `train`: steps that update weights (ChildPruning's, DiffPruning's and MagPruning's
+      authors' burn-ins). They are training steps of the one schedule every method shares.
+    """
+
+    def __init__(self, model: nn.Module, eligible: list[str], theta0: dict[str, torch.Tensor], host: SelectionHost,
+                 *, seed: int, device, grad_clip: float, head: list[str]):
+        named = dict(model.named_parameters())
+        self.model = model
+        self.eligible: dict[str, nn.Parameter] = {n: named[n] for n in eligible}
+        self.theta0 = theta0
+        self.m = sum(p.numel() for p in self.eligible.values())
+        self.head = list(head)
+        self.seed = seed
+        # Randomness of the selection itself (Random's subset, Bernoulli masks): its own stream,
+        # the same in every front door for the same seed.
+        self.generator = torch.Generator().manual_seed(1_000_003 * seed + 7)
+        self.device = device
+        self.grad_clip = grad_clip  # the protocol's max gradient norm
+        self.selection: dict | None = None  # selection.tie_report of the last topk
+        self._host = host
+
+    @property
+    def step(self) -> int:
+        """Training steps (weight updates) done so far."""
+        return self._host.step
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Training batches in one pass over the train split (the last one may be partial)."""
+        return self._host.batches_per_epoch
+
+    def budget(self, density: float, m: int | None = None) -> int:
+        """floor(density * m); m defaults to all eligible entries."""
+        return budget(density, self.m if m is None else m)
+
+    def topk(self, scores: dict[str, torch.Tensor], density: float, mode: str = "global") -> dict[str, torch.Tensor]:
+        """Exactly floor(density * m) entries with the largest scores, m = the entries scored
+        (all eligible ones unless a method scores fewer); see selection.py."""
+        m = sum(s.numel() for s in scores.values())
+        chosen = topk_entries(scores, self.budget(density, m), mode)
+        self.selection = tie_report(scores, chosen)
+        return chosen
+
+    def accumulate_gradients(self, n_batches: int, stats=("sum",), names: list[str] | None = None,
+                             clip: float = 0.0, clip_mode: str = "global") -> dict[str, dict[str, torch.Tensor]]:
+        """Run n scoring batches forward/backward without updating anything.
+
+        Returns {stat: {name: tensor}} (see scoring.py) over `names` (default: every eligible
+        parameter). `clip` > 0 clips each batch's gradients first (scoring.py's clip modes).
+        Only those parameters compute weight gradients (and the head, whose gradient enters a
+        global clipping norm as clip_grad_norm_ over the model did in the authors' runner).
+        """
+        names = list(self.eligible) if names is None else list(names)
+        self.model.zero_grad(set_to_none=True)  # only these batches' gradients count
+        with_head = bool(clip) and clip_mode == "global"
+        set_trainable(self.model, set(names) | (set(self.head) if with_head else set()))
+        named = dict(self.model.named_parameters())
+        acc = GradientStats({n: named[n] for n in names}, stats, clip, clip_mode,
+                            norm_extra=[named[n] for n in self.head] if with_head else [])
+        for _ in self._host.scoring_batches(n_batches):
+            acc.add()
+            self.model.zero_grad(set_to_none=True)
+        return acc.sums
+
+    def train(self, n_steps: int, plan: "TrainPlan", after_step: Callable[[int], None] | None = None) -> None:
+        """Train n steps with `plan` (plus the head), e.g. a full fine-tuning burn-in;
+        `after_step(step)` runs after each (e.g. a projection onto the budget)."""
+        self._host.train(n_steps, plan, after_step)
+
+    def full_plan(self) -> "TrainPlan":
+        return TrainPlan(dense=list(self.eligible))
 
 
 class Method(abc.ABC):

@@ -54,7 +54,6 @@ class ChildPruning(Method):
 
     def __init__(self, opts):
         super().__init__(opts)
-        self._ctx = None  # set while the burn-in projects after every step
         self.mask: dict[str, torch.Tensor] = {}
 
     def select(self, model, ctx) -> TrainPlan:
@@ -68,18 +67,12 @@ class ChildPruning(Method):
                                             clip_mode="per_tensor")["sum_sq"]
             fisher = {n: s / n_batches for n, s in sums.items()}
             return TrainPlan(sparse=ctx.topk(fisher, self.opts.density, self.opts.topk))
-        self._ctx = ctx
-        try:
-            ctx.train(self.opts.burnin_steps, ctx.full_plan())
-        finally:
-            self._ctx = None
+        ctx.train(self.opts.burnin_steps, ctx.full_plan(), after_step=lambda step: self._project(ctx))
         return TrainPlan(sparse=self.mask)
 
     @torch.no_grad()
-    def after_step(self, model, step: int) -> None:
-        ctx = self._ctx
-        if ctx is None:
-            return
+    def _project(self, ctx) -> None:
+        """After every burn-in step: keep the top floor(p*m) entries by |theta - theta0|, reset the rest."""
         scores = {n: (p.detach() - ctx.theta0[n]).abs() for n, p in ctx.eligible.items()}
         self.mask = ctx.topk(scores, self.opts.density, self.opts.topk)
         for n, p in ctx.eligible.items():

@@ -25,13 +25,12 @@ from pydantic import Field
 
 from sam_peft.methods import register_method
 from sam_peft.methods.base import Method, SparseOptions, TrainPlan
-
-_STAT = {"squared_sum": "sum", "fisher": "sum_sq", "abs_sum": "sum_abs"}
+from sam_peft.scoring import SCORES, score_from
 
 
 class SAMOptions(SparseOptions):
     burnin_steps: int = Field(500, ge=1)
-    score: Literal["squared_sum", "fisher", "abs_sum"] = "squared_sum"
+    score: Literal[tuple(SCORES)] = "squared_sum"
     clip_burnin_grads: bool = False
 
     def scoring_batches(self, batches_per_epoch: int) -> int:
@@ -46,8 +45,7 @@ class SAM(Method):
     Options = SAMOptions
 
     def select(self, model, ctx) -> TrainPlan:
-        stat = _STAT[self.opts.score]
         clip = ctx.grad_clip if self.opts.clip_burnin_grads else 0.0
-        acc = ctx.accumulate_gradients(self.opts.burnin_steps, stats=(stat,), clip=clip)[stat]
-        scores = {n: g.square() if stat == "sum" else g for n, g in acc.items()}
+        sums = ctx.accumulate_gradients(self.opts.burnin_steps, stats=(SCORES[self.opts.score],), clip=clip)
+        scores = score_from(sums, self.opts.score)
         return TrainPlan(sparse=ctx.topk(scores, self.opts.density, self.opts.topk))
