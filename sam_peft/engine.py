@@ -31,7 +31,7 @@ from sam_peft.device import autocast_dtype
 from sam_peft.errors import UserError
 from sam_peft.methods.base import Method, SelectContext, TrainPlan
 from sam_peft.optim import PlanOptimizer, plan_optimizer
-from sam_peft.params import head_names
+from sam_peft.params import head_names, set_trainable
 
 
 def learning_rate(step: int, base: float, horizon: int, warmup_steps: int) -> float:
@@ -51,6 +51,26 @@ def schedule(t, batches_per_epoch: int) -> tuple[int, int]:
     horizon = t.max_steps if t.schedule_epochs is None else t.schedule_epochs * batches_per_epoch
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup * horizon)
     return horizon, warmup
+
+
+class LRSchedule:
+    """The learning rate at each training step: schedule()'s horizon and warmup of a TrainConfig,
+    counted when first needed (`sam-peft eval` has no train split to count epochs of)."""
+
+    def __init__(self, t, batches):
+        self.t, self._batches = t, batches
+
+    @functools.cached_property
+    def steps(self) -> tuple[int, int]:
+        return schedule(self.t, self._batches.batches_per_epoch if self.t.schedule_epochs else 0)
+
+    def lr(self, step: int) -> float:
+        return learning_rate(step, self.t.lr, *self.steps)
+
+
+def autocast_context(dtype: torch.dtype | None, device: torch.device):
+    """The precision context of forward passes (train.precision, device.autocast_dtype)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 # ------------------------------------------------------------------------ bookkeeping
@@ -190,73 +210,88 @@ def predict(model, data: TaskData, split: str, batch_size: int, device, autocast
     return preds
 
 
+class EngineHost:
+    """A Trainer as a SelectionHost (methods/base.py): the scoring batches and training burn-ins a
+    method's select() runs through its SelectContext."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.tr = trainer
+
+    @property
+    def step(self) -> int:
+        return self.tr.step
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.tr.batches.batches_per_epoch
+
+    def scoring_batches(self, n_batches: int):
+        """Forward and backward, no update, no training step; yields after each backward pass."""
+        tr, model = self.tr, self.tr.model
+        unannounced = tr.scoring_steps + n_batches - tr.announced_scoring
+        tr.progress.grow(max(0, min(n_batches, unannounced)))
+        for _ in range(n_batches):
+            model.train()
+            batch = tr.batches.next()
+            tr.method.before_forward(model, tr.step)
+            with tr.autocast():
+                loss = model.loss(model(batch), batch["labels"])
+            loss.backward()
+            yield loss
+            tr.scoring_steps += 1
+            tr._tick(loss=f"{loss.item():.4f}", phase="scoring")
+
+    def train(self, n_steps: int, plan: TrainPlan, after_step=None) -> None:
+        """Train n steps with a plan (a training burn-in); no evaluation."""
+        self.tr.build_optimizers(plan)
+        for _ in range(n_steps):
+            loss = self.tr.train_step(after_step)
+            self.tr._tick(loss=f"{loss.item():.4f}", phase="burn-in")
+
+
 # ------------------------------------------------------------------------ the trainer
 
 
 class Trainer:
     def __init__(self, cfg, model, method: Method, data: TaskData, device, eligible: list[str],
                  log_eval=None, log_train=None, checkpoint=None, progress: bool = True, desc: str = ""):
-        self.cfg, self.t = cfg, cfg.train
-        self.model, self.method, self.data = model, method, data
-        self.device = torch.device(device)
-        self.seed = cfg.seed
+        self.t, self.seed, self.device = cfg.train, cfg.seed, torch.device(device)
+        self.model, self.method, self.data, self.eligible = model, method, data, eligible
         self.params = dict(model.named_parameters())
-        self.eligible = eligible
         self.theta0 = {n: self.params[n].detach().clone() for n in eligible}
         self.log_eval = log_eval or (lambda record: None)
         self.train_log = TrainLog(self.t.log_every, log_train or (lambda record: None))
         self.checkpoint = checkpoint  # called with checkpoint.capture(...) every train.checkpoint_every
         self.step = 0  # training steps: weight updates (the schedule, eval cadence and limits count these)
         self.scoring_steps = 0  # scoring batches: forward/backward without an update
-        self.autocast_dtype = autocast_dtype(self.t.precision, self.device)
+        self.autocast = functools.partial(autocast_context, autocast_dtype(self.t.precision, self.device), self.device)
         self.batches = TrainStream(data, self.t.batch_size, self.seed, self.t.group_by_length, self.device)
+        self.schedule = LRSchedule(self.t, self.batches)
         self.optimizer: PlanOptimizer | None = None
         self.plan: TrainPlan | None = None  # the main phase's, once select() has run
-        self._announced_scoring = 0  # scoring batches counted in the progress total from the start
+        self.announced_scoring = 0  # scoring batches counted in the progress total from the start
         self.selection: dict | None = None  # how the method's top-k went (selection.tie_report)
         self.progress = Progress(False, 0, desc)
         self._progress_on, self.desc = progress, desc
         if self.t.compile and self.device.type == "cuda":
             self.model.encoder.forward = torch.compile(self.model.encoder.forward, dynamic=True)
 
-    @functools.cached_property
-    def _schedule(self) -> tuple[int, int]:
-        # Built when first needed: `sam-peft eval` has no train split to count epochs of.
-        return schedule(self.t, self.batches.batches_per_epoch if self.t.schedule_epochs else 0)
-
-    @property
-    def horizon(self) -> int:
-        """The step at which the learning rate has decayed to 0 (schedule())."""
-        return self._schedule[0]
-
-    @property
-    def warmup_steps(self) -> int:
-        return self._schedule[1]
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _tick(self, **postfix) -> None:
         self.progress.to(self.scoring_steps + self.step, **postfix)
 
-    # -------------------------------------------------------------- what trains
+    # -------------------------------------------------------------- what trains, and one training step
     def select_context(self) -> SelectContext:
-        """The SelectContext a method's select() gets from this trainer (its SelectionHost)."""
-        return SelectContext(self.model, self.eligible, self.theta0, self, seed=self.seed, device=self.device,
-                             grad_clip=self.t.grad_clip, head=head_names(self.model))
+        """The SelectContext a method's select() gets from this trainer."""
+        return SelectContext(self.model, self.eligible, self.theta0, EngineHost(self), seed=self.seed,
+                             device=self.device, grad_clip=self.t.grad_clip, head=head_names(self.model))
 
     def build_optimizers(self, plan: TrainPlan) -> None:
         """Freeze what the plan does not train; one PlanOptimizer for what it does (and the head)."""
-        self.params = dict(self.model.named_parameters())  # methods may have added parameters
-        t = self.t
+        self.params, t = dict(self.model.named_parameters()), self.t  # methods may have added parameters
         dense = list(plan.dense) + (head_names(self.model) if plan.train_head else [])
         self.optimizer = plan_optimizer(self.model, dense, plan.sparse, plan.groups, extra_no_decay=plan.no_decay,
                                         lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay,
                                         max_grad_norm=t.grad_clip)
-
-    # -------------------------------------------------------------- one step of each kind
     def train_step(self, after_step=None) -> torch.Tensor:
         model, method = self.model, self.method
         model.train()
@@ -267,7 +302,7 @@ class Trainer:
         extra = method.extra_loss(model)
         (loss if extra is None else loss + extra).backward()
         method.after_backward(model, self.step)
-        lr = learning_rate(self.step, self.t.lr, self.horizon, self.warmup_steps)
+        lr = self.schedule.lr(self.step)
         self.optimizer.step(lr)
         for p in model.parameters():  # also tensors that train nowhere (e.g. empty selections)
             p.grad = None
@@ -275,43 +310,12 @@ class Trainer:
         if after_step is not None:  # a burn-in's own work after each step (ChildPruning's projection)
             after_step(self.step)
         method.after_step(model, self.step)
-        loss = loss.detach()
-        self.train_log.add(self.step, loss, lr)
-        return loss
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.batches.batches_per_epoch
-
-    def scoring_batches(self, n_batches: int):
-        """Scoring batches (SelectContext.accumulate_gradients): forward and backward, no update,
-        no training step; yields after each backward pass."""
-        unannounced = self.scoring_steps + n_batches - self._announced_scoring
-        self.progress.grow(max(0, min(n_batches, unannounced)))
-        model = self.model
-        for _ in range(n_batches):
-            model.train()
-            batch = self.batches.next()
-            self.method.before_forward(model, self.step)
-            with self.autocast():
-                loss = model.loss(model(batch), batch["labels"])
-            loss.backward()
-            yield loss
-            self.scoring_steps += 1
-            self._tick(loss=f"{loss.item():.4f}", phase="scoring")
-
-    def train(self, n_steps: int, plan: TrainPlan, after_step=None) -> None:
-        """Train n steps with a plan (a training burn-in); no evaluation."""
-        self.build_optimizers(plan)
-        for _ in range(n_steps):
-            loss = self.train_step(after_step)
-            self._tick(loss=f"{loss.item():.4f}", phase="burn-in")
+        self.train_log.add(self.step, loss.detach(), lr)
+        return loss.detach()
 
     # -------------------------------------------------------------- resumable state
     def state_dict(self) -> dict:
-        """Everything continuing the main phase from this step needs (checkpoint.capture saves it
-        with the early-stopping counters): the plan, its weights, the optimizer moments, the data
-        position, every random generator and the unlogged training losses."""
+        """What continuing the main phase from this step needs (checkpoint.capture adds early stopping)."""
         return {"step": self.step, "plan": ckpt_lib.plan_record(self.plan),
                 "weights": ckpt_lib.snapshot(self.model, self.params, self.plan, self.method),
                 "method": self.method.training_state(), "optimizer": self.optimizer.state_dict(),
@@ -319,8 +323,7 @@ class Trainer:
                 "train_log": self.train_log.state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a state_dict, after select() was replayed (burn-ins are deterministic);
-        raises checkpoint.CheckpointMismatch if the replayed selection is not the saved one."""
+        """Continue from a state_dict after select() was replayed (CheckpointMismatch if it differs)."""
         ckpt_lib.check_plan(state["plan"], self.plan)
         ckpt_lib.restore(self.params, self.plan, state["weights"], self.method)
         self.method.load_training_state(state["method"])
@@ -330,30 +333,22 @@ class Trainer:
         self.step = int(state["step"])
         self.train_log.load(state["train_log"])
 
-    # -------------------------------------------------------------- evaluation
+    # -------------------------------------------------------------- evaluation, and the run
     def evaluate(self, split: str, limit: int | None = None) -> dict:
-        """The task's metrics on a split (its first `limit` examples), with the weights the
-        method says evaluation sees."""
+        """The task's metrics on a split's first `limit` examples, on the weights the method says."""
         weights = self.method.eval_weights(self.model, split) if self.method else contextlib.nullcontext()
         with weights:
             preds = predict(self.model, self.data, split, self.t.eval_batch_size, self.device, self.autocast, limit)
         return metrics_lib.compute(self.data.spec, preds, self.data.labels(split)[: len(preds)])
-
-    # -------------------------------------------------------------- the run
     def fit(self, resume: dict | None = None) -> FitResult:
-        """Select, train with early stopping, restore the best weights, finalize.
-
-        `resume`: a checkpoint from checkpoint.capture. select() is replayed (burn-ins are
-        deterministic), then the checkpoint's weights, optimizer, data position, random states
-        and counters are loaded, so the run continues exactly where it stopped.
-        """
+        """Select, train with early stopping, restore the best weights, finalize. `resume`: a
+        checkpoint.capture; select() is replayed (burn-ins are deterministic), then its state loaded."""
         t, timings = self.t, {}
         # The bar's total counts the scoring batches the method announces, so it does not jump when they start.
-        self._announced_scoring = self.method.opts.scoring_batches(self.batches.batches_per_epoch)
-        self.progress = Progress(self._progress_on, t.max_steps + self._announced_scoring, self.desc)
+        self.announced_scoring = self.method.opts.scoring_batches(self.batches.batches_per_epoch)
+        self.progress = Progress(self._progress_on, t.max_steps + self.announced_scoring, self.desc)
         try:
-            t0 = time.perf_counter()
-            ctx = self.select_context()
+            t0, ctx = time.perf_counter(), self.select_context()
             plan = self.method.select(self.model, ctx)
             timings["select_s"] = time.perf_counter() - t0
             burnin = self.step
@@ -367,13 +362,11 @@ class Trainer:
                 self.load_state_dict(resume)
                 st = EarlyStopping.from_state(resume["early_stopping"])
                 self._tick()
-            stopped = "max_steps"
-            t1 = time.perf_counter()
+            stopped, t1 = "max_steps", time.perf_counter()
             while self.step < t.max_steps:
                 st.losses.append(self.train_step())
                 at_eval = self.step % t.eval_every == 0 or self.step == t.max_steps
-                # Not every step (.item() waits for the GPU), but at the main phase's first, so that the
-                # phase label leaves the burn-in's at once.
+                # Not every step (.item() waits for the GPU); at the main phase's first, to relabel the phase.
                 if self.step % 25 == 0 or at_eval or self.step == burnin + 1:
                     self._tick(phase="train", loss=f"{st.losses[-1].item():.4f}",
                                best=f"{st.best_val['major']:.2f}" if st.best_val else "-")
@@ -384,8 +377,7 @@ class Trainer:
                 if self.checkpoint and (at_eval if every == "eval" else every and self.step % every == 0):
                     self.checkpoint(ckpt_lib.capture(self.state_dict(), st))
             opt_bytes = self.optimizer.state_bytes()  # AdamW allocates its state at the first step
-            timings["train_s"] = time.perf_counter() - t1 - st.eval_s
-            timings["eval_s"] = st.eval_s
+            timings.update(train_s=time.perf_counter() - t1 - st.eval_s, eval_s=st.eval_s)
             ckpt_lib.restore(self.params, plan, st.best, self.method)
             self.method.finalize(self.model)
             plan = self.method.final_plan(plan)
@@ -393,8 +385,7 @@ class Trainer:
             self.selection = ctx.selection or self.method.report().get("selection")
         finally:
             self.progress.close()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        set_trainable(self.model, ())
         return FitResult(plan=plan, best_step=st.best_step, steps=self.step, burnin_steps=burnin,
                          scoring_steps=self.scoring_steps, best_val=st.best_val, n_evals=st.n_evals,
                          stopped=stopped, timings=timings, optimizer_state_bytes=opt_bytes,
@@ -402,15 +393,12 @@ class Trainer:
 
     def evaluate_and_track(self, plan: TrainPlan, st: EarlyStopping) -> bool:
         """Evaluate on val, keep the best weights, log; True when early stopping ends the run."""
-        t = self.t
         te = time.perf_counter()
-        val = self.evaluate("val", t.val_subset)
+        val = self.evaluate("val", self.t.val_subset)
         st.eval_s += time.perf_counter() - te
-        train_loss = st.mean_loss()
-        improved = st.observe(self.step, val, lambda: ckpt_lib.snapshot(self.model, self.params, plan, self.method))
-        self.log_eval({"step": self.step, "train_loss": train_loss,
-                       "lr": learning_rate(self.step, t.lr, self.horizon, self.warmup_steps),
-                       "val": val, "best": improved})
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss is {train_loss} at step {self.step}")
-        return st.bad >= t.patience and self.step >= t.min_steps
+        loss = st.mean_loss()
+        best = st.observe(self.step, val, lambda: ckpt_lib.snapshot(self.model, self.params, plan, self.method))
+        self.log_eval({"step": self.step, "train_loss": loss, "lr": self.schedule.lr(self.step), "val": val, "best": best})
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {self.step}")
+        return st.bad >= self.t.patience and self.step >= self.t.min_steps

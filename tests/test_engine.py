@@ -184,9 +184,9 @@ def test_learning_rate_schedule():
 
 def test_warmup_is_a_proportion_of_the_planned_run():
     tr = hand_trainer({"name": "full"}, max_steps=200, warmup=0.1)
-    assert tr.warmup_steps == 20
+    assert tr.schedule.steps[1] == 20
     tr = hand_trainer({"name": "full"}, max_steps=200, warmup_steps=7)
-    assert tr.warmup_steps == 7
+    assert tr.schedule.steps[1] == 7
 
 
 def test_same_seed_same_weights_other_seed_differs():

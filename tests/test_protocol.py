@@ -26,7 +26,7 @@ def test_schedule_epochs_sets_the_horizon_whatever_max_steps(monkeypatch):
     for max_steps in (12, 30):
         tr = hand_trainer({"name": "full"}, max_steps=max_steps, eval_every=6, warmup=0.25, lr=0.01,
                           schedule_epochs=3)
-        assert (tr.horizon, tr.warmup_steps) == (18, 4)
+        assert tr.schedule.steps == (18, 4)
         traces[max_steps] = lr_trace(monkeypatch)
         tr.fit()
         monkeypatch.undo()
