@@ -70,8 +70,9 @@ class SparseFineTuning(TrainerCallback):
     selector:      a name from sam_peft.lib.selectors() (default "sam").
     **options:     the selector's options, e.g. density=0.005 (p: exactly floor(p * m) of the m
                    eligible entries train), burnin_steps, score, topk, variant.
-    params:        the eligible parameter names (default: the encoder, every parameter under
-                   model.base_model_prefix; all parameters if the model has no such prefix).
+    params:        the eligible parameter names (default: a language model's every parameter, a
+                   tied weight once; else the encoder, every parameter under model.base_model_prefix,
+                   or all parameters if the model has no such prefix).
     dense:         parameters that train whole (default: every other parameter that requires
                    grad, i.e. the task head). Parameters in neither list are frozen.
     loss_fn:       (model, batch) -> loss for the scoring batches (default: the model's own loss).
@@ -79,15 +80,20 @@ class SparseFineTuning(TrainerCallback):
                    module's note).
     delta_path:    where the delta goes when training ends (default <output_dir>/delta.safetensors;
                    None: not written; `save_delta(path)` writes it at any time).
+    scoring_dtype: the score accumulators' dtype: torch.float32 (4 bytes per eligible entry) or
+                   torch.bfloat16 (2 bytes) for models near the accelerator's memory.
+
+    A scoring batch is `gradient_accumulation_steps` of Trainer's micro-batches, as one optimizer
+    step is; the model's own loss leaves out padded positions (labels -100).
     """
 
     def __init__(self, model: nn.Module, args, selector: str = "sam", *, params: list[str] | None = None,
                  dense: list[str] | None = None, loss_fn: Callable = model_loss, max_grad_norm: float | None = None,
-                 delta_path: str | None = DELTA_FILE, **options):
+                 delta_path: str | None = DELTA_FILE, scoring_dtype: torch.dtype = torch.float32, **options):
         self.method = lib.sparse_method(selector, **options)  # one-line ValueError for what cannot run here
         self.selector, self.options = selector, options
-        named = dict(model.named_parameters())
-        self.eligible = list(params) if params is not None else _encoder_names(model)
+        named = dict(model.named_parameters())  # a tied weight (an LM's embeddings and lm_head) once
+        self.eligible = list(params) if params is not None else _default_eligible(model)
         missing = [n for n in self.eligible if n not in named]
         if missing:
             raise KeyError(f"no parameter named {missing[0]!r} in the model")
@@ -106,11 +112,13 @@ class SparseFineTuning(TrainerCallback):
             p.requires_grad_(n in self.eligible or n in self.dense)
 
         self.model = model
+        self.scoring_dtype = scoring_dtype
         self.density = self.method.opts.density
         self.loss_fn = loss_fn
         self.seed = args.seed
         self.theta0 = lib.snapshot(model, self.eligible)  # pretrained values, before Trainer touches them
         self.delta_path = None if delta_path is None else os.path.join(args.output_dir, delta_path)
+        self._clip_taken_over = max_grad_norm is None and bool(args.max_grad_norm)
         self.optimizer = lib.SparseTrainer(
             model, eligible=self.eligible, dense=self.dense, lr=args.learning_rate, weight_decay=args.weight_decay,
             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
@@ -146,6 +154,8 @@ class SparseFineTuning(TrainerCallback):
         if self.optimizer.mask is not None:  # selected earlier (a second train() or a resumed checkpoint)
             return
         # The arguments Trainer actually runs with (they may not be the ones given at construction).
+        if self._clip_taken_over and args.max_grad_norm == self.optimizer.max_grad_norm:
+            args.max_grad_norm = 0.0  # the same clip, taken over again
         self.optimizer.max_grad_norm = _take_over_clipping(args, self.optimizer.max_grad_norm)
         device = next(self.model.parameters()).device
         self.theta0 = {n: t.to(device) for n, t in self.theta0.items()}  # Trainer may have moved the model
@@ -198,9 +208,13 @@ class SparseFineTuning(TrainerCallback):
                     bar.close()
             return tick
 
+        accumulation = max(1, args.gradient_accumulation_steps)
+        if per_epoch is not None:
+            per_epoch = -(-per_epoch // accumulation)  # optimizer steps per epoch
         return lib.select(self.model, self.selector, batches=batches, loss_fn=self.loss_fn, params=self.eligible,
                           head=self.dense, seed=self.seed, grad_clip=self.optimizer.max_grad_norm,
-                          batches_per_epoch=per_epoch, progress=progress, **self.options)
+                          batches_per_epoch=per_epoch, progress=progress, accumulation=accumulation,
+                          stats_dtype=self.scoring_dtype, **self.options)
 
     def save_delta(self, path, **metadata) -> int:
         """Write what changed (the chosen entries that moved, and the dense parameters whole);
@@ -228,9 +242,15 @@ def _take_over_clipping(args, max_grad_norm: float | None) -> float:
     return max_grad_norm
 
 
-def _encoder_names(model: nn.Module) -> list[str]:
-    prefix = getattr(model, "base_model_prefix", "") or ""
+def _default_eligible(model: nn.Module) -> list[str]:
+    """A language model (one with output embeddings: causal or masked LM): every parameter, its
+    head included, since an LM head is a vocab x hidden matrix, often a tenth of the model or more.
+    Otherwise the encoder (model.base_model_prefix), the task head training whole beside it."""
     names = [n for n, _ in model.named_parameters()]
+    get_output = getattr(model, "get_output_embeddings", None)
+    if get_output is not None and get_output() is not None:
+        return names
+    prefix = getattr(model, "base_model_prefix", "") or ""
     under = [n for n in names if prefix and n.startswith(prefix + ".")]
     return under or names
 

@@ -109,13 +109,15 @@ class BatchHost:
     `loss_fn(model, batch)` in training mode; it takes no training steps.
 
     `progress(n)` (optional) is called with each scoring pass's length and returns a callable
-    that is called once per batch (e.g. a tqdm bar's update)."""
+    that is called once per batch (e.g. a tqdm bar's update). With `accumulation` > 1 a scoring
+    batch is that many micro-batches, each loss divided by their number (gradient accumulation)."""
 
     step = 0
 
     def __init__(self, model: nn.Module, batches: Iterable, loss_fn: Callable, batches_per_epoch: int | None = None,
-                 progress: Callable[[int], Callable[[], None]] | None = None):
+                 progress: Callable[[int], Callable[[], None]] | None = None, accumulation: int = 1):
         self.model, self.loss_fn = model, loss_fn
+        self.accumulation = accumulation  # micro-batches per scoring batch (gradient accumulation)
         self._batches = iter(batches)
         self._per_epoch = batches_per_epoch
         self._progress = progress
@@ -131,10 +133,17 @@ class BatchHost:
         was_training = self.model.training
         self.model.train()
         try:
-            for batch in itertools.islice(self._batches, n):
-                loss = self.loss_fn(self.model, batch)
-                loss.backward()
-                yield loss.detach()
+            for _ in itertools.count() if n is None else range(n):
+                # One scoring batch is `accumulation` micro-batches, as one optimizer step would be.
+                micro = list(itertools.islice(self._batches, self.accumulation))
+                if not micro:
+                    return
+                total = 0.0
+                for batch in micro:
+                    loss = self.loss_fn(self.model, batch) / len(micro)
+                    loss.backward()
+                    total += loss.detach()
+                yield total
                 tick()
         finally:
             self.model.train(was_training)
@@ -145,8 +154,8 @@ class BatchHost:
 
 def select(model: nn.Module, selector: str = "sam", *, batches: Iterable = (), loss_fn: Callable | None = None,
            params: list[str] | None = None, head: list[str] = (), seed: int = 0, grad_clip: float = 1.0,
-           batches_per_epoch: int | None = None, model_name: str = "the model", progress=None,
-           **options) -> dict[str, torch.Tensor]:
+           batches_per_epoch: int | None = None, model_name: str = "the model", progress=None, accumulation: int = 1,
+           stats_dtype: torch.dtype = torch.float32, **options) -> dict[str, torch.Tensor]:
     """{name: sorted flat indices} chosen by a registered sparse method's own `select`, as in a
     `sam-peft run` of that method: e.g. `select(model, "sam", batches=..., loss_fn=..., density=0.005,
     burnin_steps=100)`, `select(model, "random", density=0.005, seed=1)`, `select(model, "magprune")`,
@@ -154,7 +163,9 @@ def select(model: nn.Module, selector: str = "sam", *, batches: Iterable = (), l
 
     options: the method's own (`sam-peft methods` lists them); `head`: parameters whose gradient
     enters a global clipping norm (SAM's clip_burnin_grads); `grad_clip`: that norm (and
-    ChildTuning-D's per-tensor clip). Nothing is updated; requires_grad flags are left as found.
+    ChildTuning-D's per-tensor clip); `accumulation`: micro-batches per scoring batch;
+    `stats_dtype`: the score accumulators' dtype (float32: 4 bytes per eligible entry; bfloat16: 2).
+    Nothing is updated; requires_grad flags are left as found.
     """
     method = sparse_method(selector, **options)
     named = _named(model, params)
@@ -162,10 +173,12 @@ def select(model: nn.Module, selector: str = "sam", *, batches: Iterable = (), l
     if message:
         raise ValueError(message)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    host = BatchHost(model, batches, loss_fn, batches_per_epoch, progress)
+    host = BatchHost(model, batches, loss_fn, batches_per_epoch, progress, accumulation)
     device = next(iter(named.values())).device
-    ctx = SelectContext(model, list(named), {n: p.detach().clone() for n, p in named.items()}, host, seed=seed,
-                        device=device, grad_clip=grad_clip, head=list(head))
+    # theta0 is read by selections that compare against the pretrained values (none of today's
+    # selectors here): views, not copies, since nothing changes before they are read.
+    ctx = SelectContext(model, list(named), {n: p.detach() for n, p in named.items()}, host, seed=seed,
+                        device=device, grad_clip=grad_clip, head=list(head), stats_dtype=stats_dtype)
     try:
         plan = method.select(model, ctx)
     finally:

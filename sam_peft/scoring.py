@@ -42,10 +42,12 @@ class GradientStats:
 
     `norm_extra`: further parameters whose gradients enter the global clipping norm but are not
     accumulated (e.g. the task head, which the authors' clip_grad_norm_ over the model included).
+    `dtype`: the accumulators' (float32; bfloat16 halves their memory, rounding each sum to 8 bits
+    of mantissa, which can reorder entries whose scores are close).
     """
 
     def __init__(self, params: dict[str, nn.Parameter], stats=("sum",), clip: float = 0.0,
-                 clip_mode: str = "global", norm_extra: list[nn.Parameter] = ()):
+                 clip_mode: str = "global", norm_extra: list[nn.Parameter] = (), dtype: torch.dtype = torch.float32):
         unknown = set(stats) - set(STATS)
         if unknown:
             raise ValueError(f"unknown gradient statistics {sorted(unknown)}; known: {', '.join(STATS)}")
@@ -54,7 +56,8 @@ class GradientStats:
         self.params = params
         self.clip, self.clip_mode = clip, clip_mode
         self.norm_extra = list(norm_extra)
-        self.sums = {s: {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()} for s in stats}
+        # 4 bytes per entry and statistic in float32; bfloat16 halves it for models near the memory's limit.
+        self.sums = {s: {n: torch.zeros_like(p, dtype=dtype) for n, p in params.items()} for s in stats}
         self.batches = 0
 
     @torch.no_grad()

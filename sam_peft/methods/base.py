@@ -129,7 +129,7 @@ class SelectContext:
     """
 
     def __init__(self, model: nn.Module, eligible: list[str], theta0: dict[str, torch.Tensor], host: SelectionHost,
-                 *, seed: int, device, grad_clip: float, head: list[str]):
+                 *, seed: int, device, grad_clip: float, head: list[str], stats_dtype: torch.dtype = torch.float32):
         named = dict(model.named_parameters())
         self.model = model
         self.eligible: dict[str, nn.Parameter] = {n: named[n] for n in eligible}
@@ -143,6 +143,7 @@ class SelectContext:
         self.device = device
         self.grad_clip = grad_clip  # the protocol's max gradient norm
         self.selection: dict | None = None  # selection.tie_report of the last topk
+        self.stats_dtype = stats_dtype  # the gradient statistics' accumulators (scoring.GradientStats)
         self._host = host
 
     @property
@@ -182,7 +183,7 @@ class SelectContext:
         set_trainable(self.model, set(names) | (set(self.head) if with_head else set()))
         named = dict(self.model.named_parameters())
         acc = GradientStats({n: named[n] for n in names}, stats, clip, clip_mode,
-                            norm_extra=[named[n] for n in self.head] if with_head else [])
+                            norm_extra=[named[n] for n in self.head] if with_head else [], dtype=self.stats_dtype)
         for _ in self._host.scoring_batches(n_batches):
             acc.add()
             self.model.zero_grad(set_to_none=True)
