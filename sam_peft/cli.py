@@ -36,6 +36,14 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from sam_peft.export import merged
+
+    out = merged(args.delta, args.merged, base=args.base)
+    print(f"{out}: a Hugging Face checkpoint (base + delta); load it with its Auto class's from_pretrained")
+    return 0
+
+
 def _cmd_data_prepare(args) -> int:
     from sam_peft.prepare import prepare_data
 
@@ -208,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser("export", help="a delta of the Trainer integration as a merged Hugging Face checkpoint")
+    x.add_argument("delta", help="a delta.safetensors, or the folder holding it")
+    x.add_argument("--merged", required=True, metavar="OUT", help="a new folder: config, weights, tokenizer")
+    x.add_argument("--base", help="the base model's path or hub name, where it is not the one the delta records")
+    x.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("data", help="task data")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -47,6 +47,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from sam_peft import lib
+from sam_peft.export import hf_record
 from sam_peft.selection import zero_budget
 
 log = logging.getLogger("sam_peft")
@@ -223,7 +224,7 @@ class SparseFineTuning(TrainerCallback):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         options = {k: v for k, v in self.method.opts.model_dump().items() if k != "name"}
         return lib.save_delta(path, self.model, self.theta0, base_model=base, whole=self.dense,
-                              selector=self.selector, **options, **metadata)
+                              selector=self.selector, hf=hf_record(self.model), **options, **metadata)
 
 
 def _take_over_clipping(args, max_grad_norm: float | None) -> float:

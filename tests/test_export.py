@@ -1,0 +1,125 @@
+"""`sam-peft export --merged`: a Trainer delta becomes a plain Hugging Face checkpoint that the
+model's own Auto class loads, with outputs bitwise equal to the trained model's; bad input is
+one line and leaves nothing behind."""
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertModel,
+                          BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments)
+
+from sam_peft.errors import UserError
+from sam_peft.export import merged
+from sam_peft.hf import SparseFineTuning
+
+VOCAB, LENGTH = 60, 10
+LABELS = {0: "entailment", 1: "neutral", 2: "contradiction"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rows(n=32, seed=0, labels=3, lm=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, VOCAB, (LENGTH,), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones(LENGTH, dtype=torch.long),
+                    "labels": ids.clone() if lm else i % labels})
+    return out
+
+
+def train_sparse(model, out, **options):
+    args = TrainingArguments(str(out), learning_rate=1e-2, max_steps=3, per_device_train_batch_size=8, use_cpu=True,
+                             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    sparse = SparseFineTuning(model, args, density=0.02, burnin_steps=2, **options)
+    lm = model.get_output_embeddings() is not None
+    Trainer(model=model, args=args, train_dataset=rows(lm=lm), optimizers=(sparse.optimizer, None),
+            callbacks=[sparse]).train()
+    return out / "delta.safetensors"
+
+
+def encoder_base(tmp_path, bpe_tokenizer, seed=0):
+    """A pretrained encoder checkpoint without a classification head, and its tokenizer."""
+    torch.manual_seed(seed)
+    base = tmp_path / f"base{seed}"
+    BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(base)
+    bpe_tokenizer().save_pretrained(base)
+    return base
+
+
+def test_a_trainer_delta_exports_to_a_checkpoint_its_auto_class_loads_bitwise(tmp_path, bpe_tokenizer):
+    base = encoder_base(tmp_path, bpe_tokenizer)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=3, id2label=LABELS,
+                                                          label2id={v: k for k, v in LABELS.items()})
+    delta = train_sparse(model, tmp_path / "run")
+
+    out = merged(delta, tmp_path / "merged")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out)
+    assert type(reloaded) is BertForSequenceClassification and reloaded.config.id2label == LABELS
+    assert (out / "tokenizer.json").is_file() or (out / "vocab.json").is_file()
+    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows(4, seed=7)])}
+    model.eval()
+    reloaded.eval()
+    assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in reloaded.named_parameters())
+
+
+def test_a_causal_lm_delta_exports_and_reloads_with_auto_model_for_causal_lm(tmp_path):
+    torch.manual_seed(0)
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)).save_pretrained(base)
+    model = GPT2LMHeadModel.from_pretrained(base)
+    delta = train_sparse(model, tmp_path / "run")
+    out = merged(tmp_path / "run", tmp_path / "merged", log=lambda *a: None)  # a folder holding the delta
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.stack([r["input_ids"] for r in rows(3, seed=4)])
+    model.eval()
+    reloaded.eval()
+    assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight  # still tied
+    assert delta.is_file()
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, bpe_tokenizer):
+    base = encoder_base(tmp_path, bpe_tokenizer)
+    other = encoder_base(tmp_path, bpe_tokenizer, seed=1)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=3)
+    delta = train_sparse(model, tmp_path / "run")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (dict(out=tmp_path / "m1", base=str(other)), "made from a different base model"),
+        (dict(out=tmp_path / "full"), "exists and is not an empty folder"),
+        (dict(out=tmp_path / "afile" / "m"), "cannot be written"),
+        (dict(out=tmp_path / "m2", base=str(tmp_path / "nowhere")), "cannot load the base model"),
+    ]
+    for kwargs, message in cases:
+        before = sorted(p.name for p in tmp_path.iterdir())
+        with pytest.raises(UserError) as err:
+            merged(delta, log=lambda *a: None, **kwargs)
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written
+    assert list((tmp_path / "full").iterdir()) == [tmp_path / "full" / "x"]
+
+
+def test_the_cli_verb_exports_and_refuses_in_one_line(tmp_path, bpe_tokenizer, capsys):
+    from sam_peft.cli import main
+
+    base = encoder_base(tmp_path, bpe_tokenizer)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=3)
+    train_sparse(model, tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--merged", str(tmp_path / "merged")]) == 0
+    assert "a Hugging Face checkpoint" in capsys.readouterr().out
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").config.num_labels == 3
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--merged", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sam-peft: error: ") and "exists and is not an empty folder" in err and "\n" not in err
