@@ -12,7 +12,7 @@ import sys
 
 
 def _cmd_run(args) -> int:
-    from sam_peft.config import load_config
+    from sam_peft.loader import load_config
     from sam_peft.run import run
     from sam_peft.rundir import counts_line
 

@@ -1,20 +1,21 @@
 """Run configuration: schema, YAML loading, dotted overrides and one-line validation errors.
 
 A run config is a YAML mapping. Every key has a default except `task`; `method` is a mapping
-with `name` and that method's own options (validated by the method's Options model, see
-sam_peft/methods). Errors name the file and line of the offending key, or the override that
-introduced it, and suggest the closest known key.
+with `name` and that method's own options. Errors name the file and line of the offending key,
+or the override that introduced it, and suggest the closest known key.
+
+This module is the schema only, on the bottom floor: loader.py builds run configs from it and
+checks them against the task table and the method registry (the method's own Options model);
+identity.py turns a config into its run id.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
-import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -126,68 +127,6 @@ class RunConfig(Strict):
     threads: int | None = Field(None, ge=1)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-
-    @model_validator(mode="after")
-    def _check_task_and_method(self):
-        # Imported here, not at the top: the config sits below the methods, and asks their registry
-        # only when a config is validated.
-        from sam_peft.methods import method_class, validate_method_options
-        from sam_peft.tasks import get_task
-
-        try:
-            get_task(self.task)
-        except UserError as e:
-            raise ConfigKeyError("task", str(e)) from None
-        given = self.method
-        _check_method_booleans(given)
-        self.method = validate_method_options(given)
-        for key, value in given.items():
-            check_strict_value(f"method.{key}", value, self.method.get(key))
-        burnin = method_class(self.method["name"]).Options.model_validate(self.method).training_burnin()
-        if burnin >= self.train.max_steps:
-            raise ConfigKeyError("method.burnin_steps", f"method.burnin_steps: its {burnin} training steps leave "
-                                 f"no main-phase step under train.max_steps {self.train.max_steps}")
-        return self
-
-
-def _takes_bool(annotation) -> bool:
-    if annotation is bool:
-        return True
-    if get_origin(annotation) is Literal:
-        return any(isinstance(a, bool) for a in get_args(annotation))
-    return any(_takes_bool(a) for a in get_args(annotation))
-
-
-def _check_method_booleans(given: dict) -> None:
-    """`density: true` must not reach the method's own (lax) validation, which reads it as 1."""
-    from sam_peft.methods import method_class
-
-    if not isinstance(given.get("name"), str):
-        return
-    try:
-        fields = method_class(given["name"]).Options.model_fields
-    except ConfigKeyError:
-        return  # an unknown method: validate_method_options says so
-    for key, value in given.items():
-        if isinstance(value, bool) and key in fields and not _takes_bool(fields[key].annotation):
-            raise ConfigKeyError(f"method.{key}", f"key 'method.{key}': expected a number, got the boolean "
-                                                  f"{str(value).lower()}")
-
-
-def check_strict_value(key: str, given, validated) -> None:
-    """What Strict does for the run config's own sections, for a method's options (validated by
-    the method's own model): a boolean or a string that became a number, or a number that is
-    not finite, is an error naming the key."""
-    if isinstance(given, (list, tuple)) and isinstance(validated, (list, tuple)):
-        for i, (g, v) in enumerate(zip(given, validated)):
-            check_strict_value(f"{key}.{i}", g, v)
-        return
-    if isinstance(given, bool) and not isinstance(validated, bool):
-        raise ConfigKeyError(key, f"key '{key}': expected a number, got the boolean {str(given).lower()}")
-    if isinstance(given, str) and isinstance(validated, (int, float)) and not isinstance(validated, bool):
-        raise ConfigKeyError(key, f"key '{key}': expected a number, got the string {given!r}")
-    if isinstance(validated, float) and not math.isfinite(validated):
-        raise ConfigKeyError(key, f"key '{key}': expected a finite number, got {validated}")
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -427,111 +366,6 @@ def message_of(e: dict) -> str:
     return e["msg"].removeprefix("Value error, ")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
-    """Read a run config (YAML file and/or a base mapping), apply `key=value` overrides, validate."""
-    tree: dict = dict(base or {})
-    lines: dict[tuple, int] = {}
-    source = "<config>"
-    if path is not None:
-        tree, lines = read_yaml(path)
-        source = str(path)
-        sweep_keys = [k for k in SWEEP_ONLY_KEYS if k in tree]
-        if sweep_keys:
-            raise UserError(f"{source}:{lines.get((sweep_keys[0],), 1)}: this is a sweep config (it has "
-                            f"'{sweep_keys[0]}'); run it with `sam-peft sweep {source}`")
-    return build_config(tree, overrides, source, lines)
-
-
-# Keys only a sweep config has (see sweep.py): a run config holding one is a sweep config.
-SWEEP_ONLY_KEYS = ("tasks", "methods", "seeds", "grid")
-
-
-def build_config(tree: dict, overrides=(), source="<config>", lines=None) -> RunConfig:
-    tree = json.loads(json.dumps(tree))  # deep copy, plain types
-    over_src: dict[str, str] = {}
-    for item, (key, value) in zip(overrides, parse_overrides(list(overrides))):
-        set_dotted(tree, key, value, f"override '{item}'")
-        over_src[key] = item
-    try:
-        return RunConfig.model_validate(tree)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err, source, lines or {}, over_src)) from None
-    except ConfigKeyError as err:
-        # Raised inside a validator: unknown task or method, a method option's value.
-        where = locate(tuple(err.key.split(".")), source, lines or {}, over_src)
-        raise UserError(f"{where}: {err.message}") from None
-
-
 def config_dict(cfg: RunConfig) -> dict:
     """The resolved config as plain YAML-able data (defaults filled in)."""
     return json.loads(cfg.model_dump_json())
-
-
-# Keys that change where results go or how they are shown, not what is computed.
-PRESENTATION_KEYS = ("output_dir", "device", "threads", "label", "train.log_every", "train.tensorboard",
-                     "train.checkpoint_every")
-
-
-# Enters every run id. Bumped when what a config computes changes, so that results of older
-# versions are never taken for results of this one (2: burn-in outside the training schedule,
-# shuffled batches, the methods as their originals; 3: each seed its own data order, where
-# seed k's order had been seed 0's without its first k epochs).
-RESULTS_VERSION = 3
-
-# Keys added since results version 3, each with the value at which a run computes what it
-# computed before the key existed. At that value the key is left out of the run id, so a new
-# option never renames finished runs (resuming a study across versions of the code). A method
-# option is written `method.<option>` and counts for the methods that have it.
-NEUTRAL_DEFAULTS: dict[str, Any] = {"train.schedule_epochs": None, "method.gate_head": False, "method.mix_head": False}
-
-
-def config_hash(cfg: RunConfig, n: int = 8) -> str:
-    """Stable id of what a run computes: the resolved config minus PRESENTATION_KEYS, and the
-    results version, with the data (and a model given as a local folder) identified by content,
-    not by the path's spelling: `data` and `/abs/path/to/data` holding the same files are the
-    same run."""
-    from sam_peft.data import split_fingerprint
-    from sam_peft.io import folder_fingerprint
-
-    d = config_dict(cfg)
-    d["results_version"] = RESULTS_VERSION
-    for key in PRESENTATION_KEYS:
-        node = d
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(last, None)
-    for key, neutral in NEUTRAL_DEFAULTS.items():
-        *parents, last = key.split(".")
-        node = d
-        for part in parents:
-            node = node.get(part, {})
-        if last in node and node[last] == neutral:
-            del node[last]
-    if cfg.train.precision == "auto" and _runs_on_cpu(cfg.device):
-        from sam_peft.device import cpu_has_native_bf16
-
-        # On a CPU with native bf16, `auto` computes what `bf16` does: it gets bf16's id, so that
-        # a results folder never mixes them with the fp32 runs `auto` makes on other CPUs (whose
-        # ids stay as they were before `auto` chose bf16 anywhere on a CPU).
-        if cpu_has_native_bf16():
-            d["train"]["precision"] = "bf16"
-    d["data_dir"] = split_fingerprint(cfg.data_dir, cfg.task)
-    local_model = Path(cfg.model).expanduser()
-    if cfg.model != "tiny" and local_model.is_dir():
-        d["model"] = folder_fingerprint(local_model)
-    blob = json.dumps(d, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:n]
-
-
-def _runs_on_cpu(device: str) -> bool:
-    """Whether a run with this `device` setting trains on the CPU of this machine."""
-    if device == "auto":
-        import torch
-
-        return not torch.cuda.is_available()
-    return device == "cpu"
-
-
-def run_id(cfg: RunConfig) -> str:
-    return f"{cfg.task}-{cfg.method['name']}-s{cfg.seed}-{config_hash(cfg)}"

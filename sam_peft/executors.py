@@ -36,8 +36,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from sam_peft.config import RunConfig, run_id
+from sam_peft.config import RunConfig
 from sam_peft.errors import UserError
+from sam_peft.identity import run_id
 from sam_peft.io import write_error
 from sam_peft.locks import RUN_LOCK_WAIT_S, hold, lock_path
 from sam_peft.rundir import PlannedRun, RunDir, one_line

@@ -26,12 +26,13 @@ import sam_peft
 from sam_peft import checkpoint as ckpt_lib
 from sam_peft import delta as delta_lib
 from sam_peft import metrics as metrics_lib
-from sam_peft.config import RunConfig, config_dict, config_hash
 from sam_peft.checkpoint import CheckpointMismatch
+from sam_peft.config import RunConfig, config_dict
 from sam_peft.data import TaskData, check_text, drop_examples, encode, load_splits, resolve_data_dir, texts_of
 from sam_peft.device import machine, resolve_device, resolved_precision
 from sam_peft.engine import Trainer
 from sam_peft.errors import UserError
+from sam_peft.identity import config_hash
 from sam_peft.io import append_jsonl, atomic_torch_save, unwritable_folder_reason
 from sam_peft.methods import build_method
 from sam_peft.methods.base import Method
@@ -414,7 +415,7 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
 
 def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
     """Rebuild base + method structure + delta and evaluate: (metrics, result.json or {})."""
-    from sam_peft.config import load_config
+    from sam_peft.loader import load_config
 
     rd = RunDir(run_dir)
     if not rd.path.is_dir():
@@ -463,7 +464,7 @@ def check_delta_belongs(delta_path: Path, meta: dict, cfg: RunConfig, result: di
     folder's config.yaml on every key both have that changes what a run computes (a key only one has
     comes from another sam-peft version; data_dir is compared through the run id), and the run id
     with the folder's result.json."""
-    from sam_peft.config import PRESENTATION_KEYS
+    from sam_peft.identity import PRESENTATION_KEYS
 
     theirs_id = meta.get("run_id")
     try:

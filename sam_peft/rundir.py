@@ -45,7 +45,7 @@ def one_line(e: BaseException) -> str:
 
 def base_record(cfg) -> dict:
     """Which run a result record is about (the start of every record)."""
-    from sam_peft.config import config_hash, run_id
+    from sam_peft.identity import config_hash, run_id
 
     return {"run_id": run_id(cfg), "task": cfg.task, "method": cfg.method["name"], "method_options": cfg.method,
             "seed": cfg.seed, "model": cfg.model, "config_hash": config_hash(cfg)}
@@ -79,7 +79,7 @@ class RunDir:
 
     @classmethod
     def of(cls, cfg) -> "RunDir":
-        from sam_peft.config import run_id
+        from sam_peft.identity import run_id
 
         rid = run_id(cfg)
         return cls(Path(cfg.output_dir) / rid, rid)

@@ -66,9 +66,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from sam_peft.config import RunConfig, build_config, parse_overrides, read_yaml, run_id, set_dotted
+from sam_peft.config import RunConfig, parse_overrides, read_yaml, set_dotted
 from sam_peft.errors import UserError
+from sam_peft.identity import run_id
 from sam_peft.io import atomic_write_json, make_folder, unwritable_folder_reason
+from sam_peft.loader import build_config
 from sam_peft.locks import hold, lock_path
 from sam_peft.methods import method_display
 from sam_peft.rundir import PlannedRun, RunDir  # noqa: F401 (PlannedRun: re-exported)

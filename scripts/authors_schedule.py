@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-from sam_peft.config import build_config
 from sam_peft.data import load_splits
 from sam_peft.engine import learning_rate, schedule
 from sam_peft.errors import UserError
+from sam_peft.loader import build_config
 from sam_peft.tasks import TASKS
 
 STEPS = (4000, 20000, 40000)

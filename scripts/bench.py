@@ -47,10 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sam_peft import delta as delta_lib  # noqa: E402
-from sam_peft.config import build_config  # noqa: E402
 from sam_peft.data import LengthGroupedSampler, TaskData, collate, to_device  # noqa: E402
 from sam_peft.device import cpu_has_native_bf16, resolved_precision  # noqa: E402
 from sam_peft.engine import Trainer  # noqa: E402
+from sam_peft.loader import build_config  # noqa: E402
 from sam_peft.params import eligible_names  # noqa: E402
 from sam_peft.methods import build_method, list_methods  # noqa: E402
 from sam_peft.model import TaskModel  # noqa: E402

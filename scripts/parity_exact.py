@@ -90,7 +90,7 @@ def dropout_free_copy(model_dir: Path, work: Path) -> Path:
 
 def run_config(model: Path, data: str, task: str, method: str, steps: int, seed: int, max_seq_len: int = 128,
                lr: float | None = None):
-    from sam_peft.config import build_config
+    from sam_peft.loader import build_config
 
     return build_config({
         "model": str(model), "data_dir": data, "task": task, "seed": seed, "device": "cpu", "threads": 1,

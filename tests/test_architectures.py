@@ -25,8 +25,8 @@ from sam_peft import data as data_lib
 from sam_peft import delta as delta_lib
 from sam_peft import run as run_lib
 from sam_peft.arch import ARCHITECTURES, ROLES, layers_of
-from sam_peft.config import build_config
 from sam_peft.data import demo_data_dir, load_splits
+from sam_peft.loader import build_config
 from sam_peft.methods import build_method, list_methods, method_class, validate_method_options
 from sam_peft.methods.adapter import Bottleneck, adapter_param_names
 from sam_peft.methods.lora import lora_param_names, resolve_targets

@@ -228,7 +228,7 @@ def test_values_torch_or_the_generators_would_reject(tmp_path, capsys, override,
 
 
 def test_exponents_without_a_decimal_point_are_numbers(tmp_path):
-    from sam_peft.config import load_config
+    from sam_peft.loader import load_config
 
     path = write_cfg(tmp_path, text="task: rte\ntrain:\n  lr: 2e-5\n  adam_eps: 1E-6\n")
     cfg = load_config(path, ["train.weight_decay=1e-3"])

@@ -2,8 +2,10 @@
 
 import pytest
 
-from sam_peft.config import build_config, config_dict, load_config, parse_overrides, run_id
+from sam_peft.config import config_dict, parse_overrides
 from sam_peft.errors import UserError
+from sam_peft.identity import run_id
+from sam_peft.loader import build_config, load_config
 
 BASE = {"model": "tiny", "data_dir": "demo", "task": "cb", "method": {"name": "sam"}}
 

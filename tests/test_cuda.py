@@ -40,10 +40,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from sam_peft.config import build_config
 from sam_peft.device import autocast_dtype
 from sam_peft.engine import Trainer
+from sam_peft.loader import build_config
 from sam_peft.methods import build_method
 from sam_peft.methods.base import TrainPlan
 from sam_peft.model import TaskModel

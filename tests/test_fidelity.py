@@ -18,11 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from sam_peft.config import TrainConfig, build_config
+from sam_peft.config import TrainConfig
 from sam_peft.data import LengthGroupedSampler
 from sam_peft.engine import learning_rate
 from sam_peft.methods.base import SelectContext
 from sam_peft.errors import UserError
+from sam_peft.loader import build_config
 from sam_peft.methods.diffprune import _key
 from sam_peft.model import TaskModel
 from sam_peft.selection import budget, per_tensor_quotas, topk_flat
@@ -374,9 +375,9 @@ def test_head_keeps_nn_linear_default_init_as_jiant():
 
 
 def test_run_ids_carry_the_results_version(monkeypatch):
-    import sam_peft.config as config
+    import sam_peft.identity as identity
 
     cfg = build_config({"model": "tiny", "data_dir": "demo", "task": "cb", "method": {"name": "full"}})
-    before = config.run_id(cfg)
-    monkeypatch.setattr(config, "RESULTS_VERSION", config.RESULTS_VERSION - 1)
-    assert config.run_id(cfg) != before  # results of the older readings get other ids
+    before = identity.run_id(cfg)
+    monkeypatch.setattr(identity, "RESULTS_VERSION", identity.RESULTS_VERSION - 1)
+    assert identity.run_id(cfg) != before  # results of the older readings get other ids

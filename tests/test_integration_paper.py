@@ -1,9 +1,8 @@
 """Short runs on the authors' exact splits (../shared/data/paper_splits); skipped when absent."""
 
 import pytest
-
-from sam_peft.config import build_config
 from sam_peft.data import load_splits
+from sam_peft.loader import build_config
 from sam_peft.run import evaluate_run, run
 from util import PAPER_SPLITS, SPLITS_MISSING
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from sam_peft import delta as delta_lib
 from sam_peft import run as run_lib
-from sam_peft.config import build_config
+from sam_peft.loader import build_config
 from sam_peft.methods.adapter import adapter_param_names
 from sam_peft.params import head_names, in_numbered_layer, layernorm_names
 from sam_peft.selection import budget

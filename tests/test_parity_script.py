@@ -127,7 +127,7 @@ def test_a_foreign_result_file_is_an_error(parity, tmp_path):
 
 
 def test_the_sweep_config_is_the_protocol(parity, tmp_path):
-    from sam_peft.config import build_config
+    from sam_peft.loader import build_config
 
     cfg = parity.sweep_config("models/m", "data", tmp_path, ["cb"], ["full", "lora", "bitfit"], [0, 1], "fp32")
     assert [m["train"]["lr"] for m in cfg["methods"]] == [5e-5, 5e-4, 1e-3]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sam_peft import device as device_lib
-from sam_peft.config import build_config
 from sam_peft.device import cpu_has_native_bf16
+from sam_peft.loader import build_config
 
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma vaes\n"
 SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile\n"
@@ -40,7 +40,7 @@ def test_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_on_others(monkeypatch):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_an_auto_run_s_id_says_what_it_computes(native, monkeypatch):
-    from sam_peft.config import run_id
+    from sam_peft.identity import run_id
 
     monkeypatch.setattr(device_lib, "cpu_has_native_bf16", lambda cpuinfo=None: native)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

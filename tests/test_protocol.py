@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from sam_peft.cli import main
-from sam_peft.config import build_config, run_id
 from sam_peft.engine import learning_rate, schedule
 from sam_peft.errors import UserError
+from sam_peft.identity import run_id
+from sam_peft.loader import build_config
 from util import hand_trainer, lr_trace
 
 

@@ -21,7 +21,8 @@ from filelock import FileLock
 
 import sam_peft.run
 from sam_peft import cli, executors
-from sam_peft.config import build_config, run_id
+from sam_peft.identity import run_id
+from sam_peft.loader import build_config
 from sam_peft.sweep import load_sweep
 
 import util

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from sam_peft import delta as delta_lib
-from sam_peft.config import build_config
+from sam_peft.loader import build_config
 from sam_peft.run import build, evaluate_run, run
 
 FAST = {"max_steps": 24, "eval_every": 8, "patience": 2, "min_steps": 0, "max_seq_len": 64, "lr": 5e-3,

@@ -12,8 +12,9 @@ import yaml
 
 import sam_peft.run
 from sam_peft import cli
-from sam_peft.config import config_dict, run_id
+from sam_peft.config import config_dict
 from sam_peft.errors import UserError
+from sam_peft.identity import run_id
 from sam_peft.methods import list_methods
 from sam_peft.sweep import load_sweep
 
@@ -233,7 +234,7 @@ def test_every_shipped_config_is_checked_here():
 
 @pytest.mark.parametrize("name", RUN_CONFIGS)
 def test_shipped_run_configs_validate(name):
-    from sam_peft.config import load_config
+    from sam_peft.loader import load_config
     cfg = load_config(CONFIGS / name)
     assert cfg.method["name"] and cfg.task
 

@@ -20,14 +20,14 @@ from safetensors import safe_open
 from torch import nn
 
 import sam_peft.engine as engine
-from sam_peft.config import build_config
 from sam_peft.data import TaskData
 from sam_peft.engine import Trainer
-from sam_peft.params import eligible_names
+from sam_peft.loader import build_config
 from sam_peft.methods import build_method
 from sam_peft.model import TaskModel
-from sam_peft.rundir import RunDir
+from sam_peft.params import eligible_names
 from sam_peft.run import run, seed_everything
+from sam_peft.rundir import RunDir
 from sam_peft.tasks import get_task
 
 
