@@ -70,7 +70,8 @@ def _cmd_list(args) -> int:
 
 def _cmd_sweep(args) -> int:
     from sam_peft.executors import check_kind, make_executor, positive_int
-    from sam_peft.sweep import describe, load_sweep, run_sweep
+    from sam_peft.sweep import describe, run_sweep
+    from sam_peft.sweep_expand import load_sweep
 
     check_kind(args.executor, args.address)
     workers = positive_int(args.workers, "--workers")

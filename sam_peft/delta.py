@@ -163,3 +163,43 @@ def apply(model: torch.nn.Module, path: str | Path, check_base: bool = True, tok
                 fix = f.get_tensor(f"{name}::fix_index").long().to(p.device)
                 flat[fix] = f.get_tensor(f"{name}::fix_value").to(p.device, p.dtype)
     return meta
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested keys as dotted ones: {"train": {"lr": x}} -> {"train.lr": x}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_delta_belongs(delta_path: Path, meta: dict, cfg, result: dict) -> None:
+    """The delta must be this run folder's own: another run's delta of the same base (another
+    seed, method or density, copied in) would load and evaluate without a word.
+
+    Its metadata records the run id and the resolved config: the config must agree with the
+    folder's config.yaml on every key both have that changes what a run computes (a key only one has
+    comes from another sam-peft version; data_dir is compared through the run id), and the run id
+    with the folder's result.json."""
+    # Here, not at the top: the library (lib.py) reads and applies deltas without run configs.
+    from sam_peft.config import config_dict
+    from sam_peft.identity import PRESENTATION_KEYS
+
+    theirs_id = meta.get("run_id")
+    try:
+        theirs = json.loads(meta.get("config", "null"))
+    except ValueError:
+        theirs = None
+    if isinstance(theirs, dict):
+        mine, other = _flat(config_dict(cfg)), _flat(theirs)
+        for key in [k for k in mine if k in other and k not in PRESENTATION_KEYS and k != "data_dir"]:
+            if mine[key] != other[key]:
+                raise UserError(f"{delta_path}: the delta of another run ({theirs_id}): its {key} is "
+                                f"{json.dumps(other[key])}, this folder's config.yaml has {json.dumps(mine[key])}")
+    ours_id = result.get("run_id") if isinstance(result, dict) else None
+    if theirs_id and ours_id and theirs_id != ours_id:
+        raise UserError(f"{delta_path}: the delta of run {theirs_id}, but this folder holds run {ours_id} "
+                        "(result.json)")

@@ -269,6 +269,42 @@ def load_backbone(name: str, texts: list[str] | None = None, max_seq_len: int = 
     return load_pretrained(name)
 
 
+# ----------------------------------------------------------------------------- position table
+
+
+# Encoders whose position table starts at padding_idx + 1 (RoBERTa's scheme, from fairseq): that
+# many rows are never used for a token position.
+PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text", "xmod",
+                        "longformer")
+
+
+def position_limit(encoder) -> tuple[int, int, int] | None:
+    """(usable positions, rows in the position table, offset) of an encoder with absolute
+    positions, from its config; None when it declares no position table."""
+    config = getattr(encoder, "config", None)
+    rows = getattr(config, "max_position_embeddings", None)
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0:
+        return None
+    table = getattr(getattr(encoder, "embeddings", None), "position_embeddings", None)
+    if isinstance(table, nn.Embedding):
+        offset = table.padding_idx + 1 if table.padding_idx is not None else 0
+    elif getattr(config, "model_type", None) in PADDING_OFFSET_TYPES:
+        offset = (getattr(config, "pad_token_id", None) or 0) + 1
+    else:
+        offset = 0
+    return rows - offset, rows, offset
+
+
+def check_max_seq_len(encoder, name: str, max_seq_len: int) -> None:
+    """A train.max_seq_len beyond the encoder's position table would crash at the first long batch."""
+    limit = position_limit(encoder)
+    if limit is not None and max_seq_len > limit[0]:
+        usable, rows, offset = limit
+        table = f"{rows} position embeddings" + (f" less RoBERTa's offset of {offset}" if offset else "")
+        raise UserError(f"train.max_seq_len {max_seq_len}: the encoder '{name}' takes at most "
+                        f"{usable} tokens ({table}); set train.max_seq_len to {usable} or less")
+
+
 # ----------------------------------------------------------------------------- heads
 
 

@@ -9,14 +9,10 @@ states are described there).
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import random
-import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -36,43 +32,11 @@ from sam_peft.identity import config_hash
 from sam_peft.io import append_jsonl, atomic_torch_save, unwritable_folder_reason
 from sam_peft.methods import build_method
 from sam_peft.methods.base import Method
-from sam_peft.model import TaskModel, load_backbone
-from sam_peft.params import GROUPS, eligible_names, head_names, param_group, param_kinds
-from sam_peft.rundir import RunDir
+from sam_peft.model import TaskModel, check_max_seq_len, load_backbone
+from sam_peft.params import eligible_names
+from sam_peft.rundir import RunDir, done_record, result_warnings
 from sam_peft.tasks import TaskSpec, get_task
-
-
-# Encoders whose position table starts at padding_idx + 1 (RoBERTa's scheme, from fairseq): that
-# many rows are never used for a token position.
-PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text", "xmod",
-                        "longformer")
-
-
-def position_limit(encoder) -> tuple[int, int, int] | None:
-    """(usable positions, rows in the position table, offset) of an encoder with absolute
-    positions, from its config; None when it declares no position table."""
-    config = getattr(encoder, "config", None)
-    rows = getattr(config, "max_position_embeddings", None)
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0:
-        return None
-    table = getattr(getattr(encoder, "embeddings", None), "position_embeddings", None)
-    if isinstance(table, torch.nn.Embedding):
-        offset = table.padding_idx + 1 if table.padding_idx is not None else 0
-    elif getattr(config, "model_type", None) in PADDING_OFFSET_TYPES:
-        offset = (getattr(config, "pad_token_id", None) or 0) + 1
-    else:
-        offset = 0
-    return rows - offset, rows, offset
-
-
-def check_max_seq_len(cfg: RunConfig, encoder) -> None:
-    """A train.max_seq_len beyond the encoder's position table would crash at the first long batch."""
-    limit = position_limit(encoder)
-    if limit is not None and cfg.train.max_seq_len > limit[0]:
-        usable, rows, offset = limit
-        table = f"{rows} position embeddings" + (f" less RoBERTa's offset of {offset}" if offset else "")
-        raise UserError(f"train.max_seq_len {cfg.train.max_seq_len}: the encoder '{cfg.model}' takes at most "
-                        f"{usable} tokens ({table}); set train.max_seq_len to {usable} or less")
+from sam_peft.telemetry import Curves, PeakMemory
 
 
 def check_density(cfg: RunConfig, model, eligible: list[str]) -> None:
@@ -126,7 +90,7 @@ def build(cfg: RunConfig, splits=("train", "val", "test")) -> Built:
                         f"round({cfg.data.drop_fraction} x {n_train}) = {n_train} of the {n_train} of task "
                         f"'{spec.name}'); at most {n_train - 1} can be removed")
     encoder, tokenizer = load_backbone(cfg.model, texts, cfg.train.max_seq_len)
-    check_max_seq_len(cfg, encoder)
+    check_max_seq_len(encoder, cfg.model, cfg.train.max_seq_len)
     features = {s: encode(spec, examples[s], tokenizer, cfg.train.max_seq_len) for s in splits}
     # Before anything trains: the tokenizer must read the text (the split trained on, else the one evaluated).
     checked = "train" if "train" in features else splits[0]
@@ -142,96 +106,8 @@ def build(cfg: RunConfig, splits=("train", "val", "test")) -> Built:
     return Built(cfg, spec, method, model, data, tokenizer, eligible, base_names, device)
 
 
-class Curves:
-    """Optional tensorboard scalars (train loss, lr, val major) under <run_dir>/tb."""
-
-    def __init__(self, logdir: Path | None):
-        self.writer = None
-        if logdir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(logdir))
-
-    def add(self, scalars: dict, step: int) -> None:
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def mask_share(model, plan, theta0: dict) -> dict:
-    """Where the trained entries of the eligible parameters are, per parameter group
-    (params.GROUPS): how many were chosen, of how many, and their share of all chosen ones."""
-    kinds = param_kinds(model)
-    params = dict(model.named_parameters())
-    chosen = {n: int(i.numel()) for n, i in plan.sparse.items()}
-    chosen.update({n: params[n].numel() for n in plan.dense if n in theta0})
-    groups = {g: {"chosen": 0, "total": 0} for g in GROUPS}
-    for n, t0 in theta0.items():
-        g = groups[param_group(n, kinds.get(n))]
-        g["total"] += t0.numel()
-        g["chosen"] += chosen.get(n, 0)
-    k = sum(g["chosen"] for g in groups.values())
-    for g in groups.values():
-        g["share_of_chosen"] = round(g["chosen"] / k, 6) if k else 0.0
-        g["density"] = round(g["chosen"] / g["total"], 6) if g["total"] else 0.0
-    top = max(chosen.items(), key=lambda kv: kv[1], default=None)
-    return {"groups": {n: g for n, g in groups.items() if g["total"]},
-            "largest_tensor": {"name": top[0], "chosen": top[1], "share_of_chosen": round(top[1] / k, 6),
-                               "density": round(top[1] / params[top[0]].numel(), 6)} if top and k else None}
-
-
 def _frozen_fingerprint(model, names) -> str:
     return delta_lib.base_fingerprint({n: p for n, p in model.named_parameters() if n in names})
-
-
-class PeakMemory:
-    """Peak memory of one run: CUDA's max allocated bytes, or on a CPU the peak resident set of
-    the process sampled every 20 ms while the run trains (per run, also inside a sweep process)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif os.path.exists("/proc/self/statm"):
-            self.peak = self._rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self.peak = max(self.peak, self._rss())
-
-    def report(self) -> dict:
-        if self.device.type == "cuda":
-            return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated(self.device)),
-                    "peak_mem_kind": "cuda_max_allocated"}
-        if self._thread is not None:
-            return {"peak_mem_bytes": int(self.peak), "peak_mem_kind": "process_rss_peak_during_run"}
-        import resource
-
-        return {"peak_mem_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-                "peak_mem_kind": "process_max_rss"}
 
 
 def provenance(cfg: RunConfig, device: torch.device) -> dict:
@@ -339,29 +215,12 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
                                           built.data.labels(split)[:cfg.train.train_eval_subset if split == "train"
                                                                    else None])
                for split in metrics}
-    run_warnings = []
     selection = trainer.selection or {}
-    if selection.get("n_chosen_without_positive_score"):
-        run_warnings.append(f"{selection['n_chosen_without_positive_score']:,} of the k = {selection['k']:,} chosen "
-                            f"entries had no positive score ({selection['n_positive_scores']:,} eligible entries "
-                            "scored above 0): top-k filled them by position")
-    if all(abs(metrics[split]["major"] - trivial[split]) < 1e-6 for split in ("val", "test")):
-        run_warnings.append(f"val and test scored the trivial score ({trivial['test']:.2f} on test: a constant "
-                            "prediction, the majority class or no correlation): the run learned nothing the "
-                            "metric sees")
+    run_warnings = result_warnings(selection, metrics, trivial)
     for w in run_warnings:
         log(f"{rd.path}: warning: {w}")
 
     tensors, counts = delta_lib.build(model, trainer.theta0, built.base_names)
-    plan = fit.plan
-    params = dict(model.named_parameters())
-    heads = set(head_names(model))
-    # The head trains whole, or (DiffPruning's gate_head) at chosen entries of its tensors.
-    n_head = (sum(params[n].numel() for n in heads) if plan.train_head
-              else sum(int(i.numel()) for n, i in plan.sparse.items() if n in heads))
-    n_dense_eligible = sum(params[n].numel() for n in plan.dense if n in trainer.theta0)
-    n_added = sum(params[n].numel() for n in plan.dense if n not in trainer.theta0 and n not in heads)
-    n_sparse = sum(int(i.numel()) for n, i in plan.sparse.items() if n not in heads)
     meta = {
         "base_model": cfg.model,
         "task": cfg.task,
@@ -374,40 +233,11 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
         "sam_peft_version": sam_peft.__version__,
     }
     delta_bytes = delta_lib.save(rd.delta, tensors, meta)
-    full_bytes = sum(p.numel() * 4 for p in model.parameters())
-
-    result = {
-        **base,
-        "status": "done",
-        "metrics": metrics,
-        "trivial": trivial,  # each split's score of a constant prediction (metrics.trivial)
-        "n_params": sum(p.numel() for p in trainer.theta0.values()),
-        "n_trainable": n_dense_eligible + n_sparse + n_added,
-        "n_trainable_eligible": n_dense_eligible + n_sparse,
-        "n_added": n_added,
-        "n_head": n_head,
-        "n_changed": counts["n_changed"],
-        "steps": fit.steps,  # training steps (weight updates), burn-in training steps included
-        "training_steps": fit.steps,
-        "burnin_steps": fit.burnin_steps,  # training steps before the main phase
-        "scoring_steps": fit.scoring_steps,  # gradient-accumulation batches without an update
-        "best_step": fit.best_step,
-        "n_evals": fit.n_evals,
-        "stopped": fit.stopped,
-        "resumed_from_step": fit.resumed_from,
-        "wall_time_s": round(elapsed_before + time.time() - started, 3),
-        "timings": {**{k: round(v, 3) for k, v in fit.timings.items()}, "final_eval_s": round(eval_final_s, 3)},
-        "method_report": method.report(),
-        "n_positive_scores": selection.get("n_positive_scores"),  # None: the method chose no top-k
-        "n_chosen_without_positive_score": selection.get("n_chosen_without_positive_score"),
-        "warnings": run_warnings,
-        "mask_share": mask_share(model, plan, trainer.theta0),
-        "optimizer_state_bytes": fit.optimizer_state_bytes,
-        "delta_bytes": delta_bytes,
-        "full_fp32_bytes": full_bytes,
-        **memory.report(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    result = done_record(base, model, trainer.theta0, fit, metrics=metrics, trivial=trivial,
+                         n_changed=counts["n_changed"], method_report=method.report(), selection=selection,
+                         warnings=run_warnings, delta_bytes=delta_bytes,
+                         wall_time_s=round(elapsed_before + time.time() - started, 3), final_eval_s=eval_final_s,
+                         memory=memory.report())
     rd.write(result)
     rd.checkpoint.unlink(missing_ok=True)  # the run is done: nothing to resume
     return result
@@ -429,7 +259,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
     record = rd.read()  # strict: a result.json that does not parse is an error naming it
     result = record if isinstance(record, dict) else {}
     delta_path = rd.delta
-    check_delta_belongs(delta_path, delta_lib.read_metadata(delta_path), cfg, result)
+    delta_lib.check_delta_belongs(delta_path, delta_lib.read_metadata(delta_path), cfg, result)
     if cfg.train.precision == "auto" and result.get("precision") in ("fp32", "bf16"):
         # Evaluate in the precision the run trained in, which `auto` may not resolve to here.
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": result["precision"]})})
@@ -443,41 +273,3 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
     trainer = Trainer(cfg, built.model, built.method, built.data, built.device, built.eligible, progress=False)
     metrics = trainer.evaluate(split)
     return metrics, result
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """Nested keys as dotted ones: {"train": {"lr": x}} -> {"train.lr": x}."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def check_delta_belongs(delta_path: Path, meta: dict, cfg: RunConfig, result: dict) -> None:
-    """The delta must be this run folder's own: another run's delta of the same base (another
-    seed, method or density, copied in) would load and evaluate without a word.
-
-    Its metadata records the run id and the resolved config: the config must agree with the
-    folder's config.yaml on every key both have that changes what a run computes (a key only one has
-    comes from another sam-peft version; data_dir is compared through the run id), and the run id
-    with the folder's result.json."""
-    from sam_peft.identity import PRESENTATION_KEYS
-
-    theirs_id = meta.get("run_id")
-    try:
-        theirs = json.loads(meta.get("config", "null"))
-    except ValueError:
-        theirs = None
-    if isinstance(theirs, dict):
-        mine, other = _flat(config_dict(cfg)), _flat(theirs)
-        for key in [k for k in mine if k in other and k not in PRESENTATION_KEYS and k != "data_dir"]:
-            if mine[key] != other[key]:
-                raise UserError(f"{delta_path}: the delta of another run ({theirs_id}): its {key} is "
-                                f"{json.dumps(other[key])}, this folder's config.yaml has {json.dumps(mine[key])}")
-    ours_id = result.get("run_id") if isinstance(result, dict) else None
-    if theirs_id and ours_id and theirs_id != ours_id:
-        raise UserError(f"{delta_path}: the delta of run {theirs_id}, but this folder holds run {ours_id} "
-                        "(result.json)")

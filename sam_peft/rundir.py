@@ -51,6 +51,97 @@ def base_record(cfg) -> dict:
             "seed": cfg.seed, "model": cfg.model, "config_hash": config_hash(cfg)}
 
 
+def done_record(base: dict, model, theta0: dict, fit, *, metrics: dict, trivial: dict, n_changed: int,
+                method_report, selection: dict, warnings: list[str], delta_bytes: int, wall_time_s: float,
+                final_eval_s: float, memory: dict) -> dict:
+    """The record of a finished run: `base` (which run, provenance, start) with what it measured.
+    `fit` is the engine's FitResult, `theta0` the eligible pretrained tensors, `memory` the peak
+    memory report (telemetry.PeakMemory)."""
+    # Here, not at the top: the reports read run directories without loading torch.
+    from sam_peft.params import head_names
+
+    plan = fit.plan
+    params = dict(model.named_parameters())
+    heads = set(head_names(model))
+    # The head trains whole, or (DiffPruning's gate_head) at chosen entries of its tensors.
+    n_head = (sum(params[n].numel() for n in heads) if plan.train_head
+              else sum(int(i.numel()) for n, i in plan.sparse.items() if n in heads))
+    n_dense_eligible = sum(params[n].numel() for n in plan.dense if n in theta0)
+    n_added = sum(params[n].numel() for n in plan.dense if n not in theta0 and n not in heads)
+    n_sparse = sum(int(i.numel()) for n, i in plan.sparse.items() if n not in heads)
+    return {
+        **base,
+        "status": "done",
+        "metrics": metrics,
+        "trivial": trivial,  # each split's score of a constant prediction (metrics.trivial)
+        "n_params": sum(p.numel() for p in theta0.values()),
+        "n_trainable": n_dense_eligible + n_sparse + n_added,
+        "n_trainable_eligible": n_dense_eligible + n_sparse,
+        "n_added": n_added,
+        "n_head": n_head,
+        "n_changed": n_changed,
+        "steps": fit.steps,  # training steps (weight updates), burn-in training steps included
+        "training_steps": fit.steps,
+        "burnin_steps": fit.burnin_steps,  # training steps before the main phase
+        "scoring_steps": fit.scoring_steps,  # gradient-accumulation batches without an update
+        "best_step": fit.best_step,
+        "n_evals": fit.n_evals,
+        "stopped": fit.stopped,
+        "resumed_from_step": fit.resumed_from,
+        "wall_time_s": wall_time_s,
+        "timings": {**{k: round(v, 3) for k, v in fit.timings.items()}, "final_eval_s": round(final_eval_s, 3)},
+        "method_report": method_report,
+        "n_positive_scores": selection.get("n_positive_scores"),  # None: the method chose no top-k
+        "n_chosen_without_positive_score": selection.get("n_chosen_without_positive_score"),
+        "warnings": warnings,
+        "mask_share": mask_share(model, plan, theta0),
+        "optimizer_state_bytes": fit.optimizer_state_bytes,
+        "delta_bytes": delta_bytes,
+        "full_fp32_bytes": sum(p.numel() * 4 for p in model.parameters()),
+        **memory,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def result_warnings(selection: dict, metrics: dict, trivial: dict) -> list[str]:
+    """What the "done" record warns about: chosen entries without a positive score, and a run
+    that scored the trivial score on val and test."""
+    warnings = []
+    if selection.get("n_chosen_without_positive_score"):
+        warnings.append(f"{selection['n_chosen_without_positive_score']:,} of the k = {selection['k']:,} chosen "
+                        f"entries had no positive score ({selection['n_positive_scores']:,} eligible entries "
+                        "scored above 0): top-k filled them by position")
+    if all(abs(metrics[split]["major"] - trivial[split]) < 1e-6 for split in ("val", "test")):
+        warnings.append(f"val and test scored the trivial score ({trivial['test']:.2f} on test: a constant "
+                        "prediction, the majority class or no correlation): the run learned nothing the "
+                        "metric sees")
+    return warnings
+
+
+def mask_share(model, plan, theta0: dict) -> dict:
+    """Where the trained entries of the eligible parameters are, per parameter group
+    (params.GROUPS): how many were chosen, of how many, and their share of all chosen ones."""
+    from sam_peft.params import GROUPS, param_group, param_kinds
+
+    kinds = param_kinds(model)
+    params = dict(model.named_parameters())
+    chosen = {n: int(i.numel()) for n, i in plan.sparse.items()}
+    chosen.update({n: params[n].numel() for n in plan.dense if n in theta0})
+    groups = {g: {"chosen": 0, "total": 0} for g in GROUPS}
+    for n, t0 in theta0.items():
+        g = groups[param_group(n, kinds.get(n))]
+        g["total"] += t0.numel()
+        g["chosen"] += chosen.get(n, 0)
+    k = sum(g["chosen"] for g in groups.values())
+    for g in groups.values():
+        g["share_of_chosen"] = round(g["chosen"] / k, 6) if k else 0.0
+        g["density"] = round(g["chosen"] / g["total"], 6) if g["total"] else 0.0
+    top = max(chosen.items(), key=lambda kv: kv[1], default=None)
+    return {"groups": {n: g for n, g in groups.items() if g["total"]},
+            "largest_tensor": {"name": top[0], "chosen": top[1], "share_of_chosen": round(top[1] / k, 6),
+                               "density": round(top[1] / params[top[0]].numel(), 6)} if top and k else None}
+
+
 def is_result(record) -> bool:
     return isinstance(record, dict) and all(k in record for k in OUR_KEYS)
 

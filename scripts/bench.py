@@ -51,9 +51,9 @@ from sam_peft.data import LengthGroupedSampler, TaskData, collate, to_device  # 
 from sam_peft.device import cpu_has_native_bf16, resolved_precision  # noqa: E402
 from sam_peft.engine import Trainer  # noqa: E402
 from sam_peft.loader import build_config  # noqa: E402
-from sam_peft.params import eligible_names  # noqa: E402
 from sam_peft.methods import build_method, list_methods  # noqa: E402
 from sam_peft.model import TaskModel  # noqa: E402
+from sam_peft.params import eligible_names  # noqa: E402
 from sam_peft.selection import budget, topk_entries  # noqa: E402
 from sam_peft.tasks import get_task  # noqa: E402
 

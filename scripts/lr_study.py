@@ -32,7 +32,7 @@ from sam_peft.io import atomic_write_text
 from sam_peft.report.results import Results, load_results
 from sam_peft.report.select import select_on
 from sam_peft.report.stats import Family, compare_cells, render_comparisons
-from sam_peft.sweep import load_sweep
+from sam_peft.sweep_expand import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "lr_study.yaml"

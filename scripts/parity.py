@@ -635,7 +635,8 @@ def main(argv=None) -> int:
     seeds = list(range(args.seeds))
     protocol = {**PROTOCOL, "max_steps": args.max_steps, "eval_every": args.eval_every}
     try:
-        from sam_peft.sweep import load_sweep, write_plan
+        from sam_peft.sweep import write_plan
+        from sam_peft.sweep_expand import load_sweep
 
         if not args.report_only:
             link_standin_model(args.model)

@@ -407,7 +407,7 @@ def test_max_seq_len_beyond_the_position_table_is_rejected_up_front(tmp_path, ca
 def test_position_limit_of_encoders_without_an_offset():
     from transformers import BertConfig, BertModel
 
-    from sam_peft.run import position_limit
+    from sam_peft.model import position_limit
 
     bert = BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=16, max_position_embeddings=40))

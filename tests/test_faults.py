@@ -21,7 +21,8 @@ import sam_peft.io
 from sam_peft import cli
 from sam_peft.executors import Outcome
 from sam_peft.io import append_jsonl, atomic_write_text
-from sam_peft.sweep import load_sweep, run_sweep
+from sam_peft.sweep import run_sweep
+from sam_peft.sweep_expand import load_sweep
 
 import util
 from util import results_of

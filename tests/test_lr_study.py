@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 
-from sam_peft.sweep import load_sweep
+from sam_peft.sweep_expand import load_sweep
 
 from util import load_script
 

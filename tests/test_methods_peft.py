@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-from sam_peft.params import eligible_names
 from sam_peft.methods import build_method, validate_method_options
 from sam_peft.methods.lora import DEFAULT_TARGETS, resolve_targets, targeted
 from sam_peft.model import TaskModel
+from sam_peft.params import eligible_names
 from sam_peft.tasks import get_task
 
 SIZES = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

@@ -269,7 +269,7 @@ def test_methods_without_a_top_k_record_none(tmp_path):
 
 
 def test_authors_configs_turn_on_every_authors_reading():
-    from sam_peft.sweep import load_sweep
+    from sam_peft.sweep_expand import load_sweep
 
     configs = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
     sweep = load_sweep(configs / "table1_authors.yaml", ["data_dir=demo"])

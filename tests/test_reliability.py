@@ -23,7 +23,7 @@ import sam_peft.run
 from sam_peft import cli, executors
 from sam_peft.identity import run_id
 from sam_peft.loader import build_config
-from sam_peft.sweep import load_sweep
+from sam_peft.sweep_expand import load_sweep
 
 import util
 from util import results_of

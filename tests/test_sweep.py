@@ -16,7 +16,7 @@ from sam_peft.config import config_dict
 from sam_peft.errors import UserError
 from sam_peft.identity import run_id
 from sam_peft.methods import list_methods
-from sam_peft.sweep import load_sweep
+from sam_peft.sweep_expand import load_sweep
 
 import util
 
