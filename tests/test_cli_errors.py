@@ -14,9 +14,9 @@ import yaml
 
 from sam_peft.cli import main
 from sam_peft.data import demo_data_dir
+from util import tiny_run
 
-BASE = {"model": "tiny", "data_dir": "demo", "task": "rte", "method": {"name": "bitfit"},
-        "train": {"max_steps": 4, "eval_every": 2, "min_steps": 0}}
+BASE = tiny_run("rte", "bitfit", train={"max_steps": 4, "eval_every": 2, "min_steps": 0})
 
 
 def write_cfg(tmp_path, tree=None, text=None) -> Path:

@@ -6,8 +6,9 @@ from sam_peft.config import config_dict, parse_overrides
 from sam_peft.errors import UserError
 from sam_peft.identity import run_id
 from sam_peft.loader import build_config, load_config
+from util import tiny_run
 
-BASE = {"model": "tiny", "data_dir": "demo", "task": "cb", "method": {"name": "sam"}}
+BASE = tiny_run("cb", "sam")
 
 
 def test_defaults_are_the_paper_protocol():

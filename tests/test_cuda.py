@@ -52,6 +52,7 @@ from sam_peft.run import run, seed_everything
 from sam_peft.tasks import get_task
 
 import util
+from util import tiny_run, tiny_sweep
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")]
@@ -72,11 +73,10 @@ METHODS = [
 
 def train_tiny(device: str, method: dict, out: Path, precision: str = "auto", steps: int = 60) -> dict:
     """One run of the tiny model on the built-in RTE examples; result.json's content."""
-    cfg = build_config({"model": "tiny", "data_dir": "demo", "task": "rte", "method": method, "seed": 0,
-                        "output_dir": str(out), "device": device,
-                        "train": {"max_steps": steps, "eval_every": 20, "patience": 100, "min_steps": steps,
-                                  "lr": 1e-3, "max_seq_len": 64, "precision": precision, "log_every": 1,
-                                  "checkpoint_every": 0}})
+    cfg = build_config(tiny_run("rte", method, out, {"max_steps": steps, "eval_every": 20, "patience": 100,
+                                                     "min_steps": steps, "lr": 1e-3, "max_seq_len": 64,
+                                                     "precision": precision, "log_every": 1, "checkpoint_every": 0},
+                                seed=0, device=device))
     return run(cfg, progress=False, log=lambda *_: None)
 
 
@@ -189,14 +189,13 @@ def test_fused_adamw_matches_the_unfused_one():
 
 # ------------------------------------------------------------------- packed sweep, peak memory
 
-PACKED_SWEEP = {
-    "model": "tiny", "data_dir": "demo", "device": "cuda", "threads": 1,
-    "train": {"max_steps": 30, "eval_every": 10, "patience": 100, "min_steps": 30, "lr": 1e-3, "max_seq_len": 64,
-              "precision": "fp32", "log_every": 1, "checkpoint_every": 0},
-    "tasks": ["rte", "stsb"], "seeds": [0],
-    "methods": [{"name": "full"}, {"name": "sam", "density": 0.005, "burnin_steps": 5}, {"name": "lora"},
-                {"name": "mixout", "p": 0.9}],
-}  # 8 runs: a classification and a regression task; dense, sparse, added-module and Mixout's updates
+PACKED_SWEEP = tiny_sweep(
+    {"max_steps": 30, "eval_every": 10, "patience": 100, "min_steps": 30, "lr": 1e-3, "max_seq_len": 64,
+     "precision": "fp32", "log_every": 1, "checkpoint_every": 0},
+    device="cuda", threads=1, tasks=["rte", "stsb"], seeds=[0],
+    methods=[{"name": "full"}, {"name": "sam", "density": 0.005, "burnin_steps": 5}, {"name": "lora"},
+             {"name": "mixout", "p": 0.9}],
+)  # 8 runs: a classification and a regression task; dense, sparse, added-module and Mixout's updates
 
 
 def run_sweep(config: Path, out: Path, runs_per_gpu: int) -> str:

@@ -25,11 +25,10 @@ from sam_peft.sweep import run_sweep
 from sam_peft.sweep_expand import load_sweep
 
 import util
-from util import results_of
+from util import results_of, tiny_sweep
 
-TINY = {"model": "tiny", "data_dir": "demo", "threads": 1,
-        "train": {"max_steps": 12, "eval_every": 4, "min_steps": 0, "patience": 100, "max_seq_len": 64,
-                  "log_every": 2}}
+TINY = tiny_sweep({"max_steps": 12, "eval_every": 4, "min_steps": 0, "patience": 100, "max_seq_len": 64,
+                   "log_every": 2}, threads=1)
 NO_SPACE = os.strerror(errno.ENOSPC)
 
 

@@ -28,7 +28,7 @@ from sam_peft.methods.diffprune import _key
 from sam_peft.model import TaskModel
 from sam_peft.selection import budget, per_tensor_quotas, topk_flat
 from sam_peft.tasks import get_task
-from util import HandEncoder, hand_trainer, lr_trace
+from util import hand_trainer, HandEncoder, lr_trace, tiny_run
 
 
 # ------------------------------------------------------------------------ 1. burn-in and the schedule
@@ -377,7 +377,7 @@ def test_head_keeps_nn_linear_default_init_as_jiant():
 def test_run_ids_carry_the_results_version(monkeypatch):
     import sam_peft.identity as identity
 
-    cfg = build_config({"model": "tiny", "data_dir": "demo", "task": "cb", "method": {"name": "full"}})
+    cfg = build_config(tiny_run("cb", "full"))
     before = identity.run_id(cfg)
     monkeypatch.setattr(identity, "RESULTS_VERSION", identity.RESULTS_VERSION - 1)
     assert identity.run_id(cfg) != before  # results of the older readings get other ids

@@ -126,3 +126,18 @@ def test_no_import_cycles():
 def test_the_checker_sees_function_level_imports_and_cycles():
     assert "sam_peft.run" in IMPORTS["sam_peft.executors"]  # imported inside a function there
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in util.py, conftest.py and the helper modules, never in a test_*.py."""
+    tests = Path(__file__).resolve().parent
+    names = {p.stem for p in tests.glob("test_*.py")}
+    offenders = {}
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            found = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            hits = [n for n in found if n.split(".")[-1] in names or n.startswith("tests.")]
+            if hits:
+                offenders.setdefault(path.name, []).extend(hits)
+    assert not offenders, offenders

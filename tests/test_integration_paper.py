@@ -4,7 +4,7 @@ import pytest
 from sam_peft.data import load_splits
 from sam_peft.loader import build_config
 from sam_peft.run import evaluate_run, run
-from util import PAPER_SPLITS, SPLITS_MISSING
+from util import PAPER_SPLITS, SPLITS_MISSING, tiny_run
 
 pytestmark = pytest.mark.skipif(not PAPER_SPLITS.is_dir(), reason=SPLITS_MISSING)
 
@@ -14,11 +14,9 @@ SIZES = {"cola": (7695, 856, 1043), "stsb": (5166, 583, 1500), "mrpc": (3294, 37
 
 @pytest.mark.parametrize("task", list(SIZES))
 def test_short_sam_run_on_paper_splits(tmp_path, task):
-    cfg = build_config({"model": "tiny", "data_dir": str(PAPER_SPLITS), "task": task, "seed": 0,
-                        "method": {"name": "sam", "density": 0.005, "burnin_steps": 3},
-                        "output_dir": str(tmp_path),
-                        "train": {"max_steps": 9, "eval_every": 3, "min_steps": 0, "max_seq_len": 128,
-                                  "val_subset": 64, "eval_batch_size": 128}})
+    cfg = build_config(tiny_run(task, {"name": "sam", "density": 0.005, "burnin_steps": 3}, tmp_path,
+                                {"max_steps": 9, "eval_every": 3, "min_steps": 0, "max_seq_len": 128,
+                                 "val_subset": 64, "eval_batch_size": 128}, seed=0, data_dir=str(PAPER_SPLITS)))
     result = run(cfg, progress=False, log=lambda *a: None)
     assert result["status"] == "done" and result["steps"] == 9 and result["scoring_steps"] == 3
     assert result["burnin_steps"] == 0  # SAM's burn-in batches are scoring, not training steps

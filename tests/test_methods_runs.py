@@ -15,6 +15,7 @@ from sam_peft.loader import build_config
 from sam_peft.methods.adapter import adapter_param_names
 from sam_peft.params import head_names, in_numbered_layer, layernorm_names
 from sam_peft.selection import budget
+from util import tiny_run
 
 TRAIN = {"batch_size": 8, "eval_batch_size": 32, "max_steps": 10, "eval_every": 5, "min_steps": 0,
          "patience": 10, "max_seq_len": 40, "lr": 1e-3, "log_every": 0, "warmup": 0.0}
@@ -42,8 +43,7 @@ def delta_tensors(path) -> dict:
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_one_run(method, tmp_path):
     task = "cb" if method["name"] in ("adapter", "childprune") else "rte"
-    cfg = build_config({"model": "tiny", "data_dir": "demo", "task": task, "method": method, "seed": 1,
-                        "output_dir": str(tmp_path), "train": TRAIN})
+    cfg = build_config(tiny_run(task, method, tmp_path, TRAIN, seed=1))
     result = run_lib.run(cfg, progress=False, log=lambda *_: None)
     run_dir = tmp_path / result["run_id"]
     assert result["status"] == "done"

@@ -9,6 +9,7 @@ import torch
 from sam_peft import device as device_lib
 from sam_peft.device import cpu_has_native_bf16
 from sam_peft.loader import build_config
+from util import tiny_run
 
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma vaes\n"
 SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile\n"
@@ -26,7 +27,7 @@ def test_native_bf16_is_read_from_the_cpu_flags():
 
 def _dtype(precision: str, native: bool, monkeypatch) -> torch.dtype | None:
     monkeypatch.setattr(device_lib, "cpu_has_native_bf16", lambda cpuinfo=None: native)
-    cfg = build_config({"task": "rte", "model": "tiny", "train": {"precision": precision}})
+    cfg = build_config(tiny_run("rte", "sam", train={"precision": precision}, data_dir="data"))
     return device_lib.autocast_dtype(cfg.train.precision, torch.device("cpu"))
 
 
@@ -44,7 +45,7 @@ def test_an_auto_run_s_id_says_what_it_computes(native, monkeypatch):
 
     monkeypatch.setattr(device_lib, "cpu_has_native_bf16", lambda cpuinfo=None: native)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    base = {"task": "cb", "model": "tiny", "data_dir": "demo", "method": {"name": "full"}}
+    base = tiny_run("cb", "full")
     ids = {p: run_id(build_config(base, [f"train.precision={p}"])) for p in ("auto", "fp32", "bf16")}
     assert ids["fp32"] != ids["bf16"]
     if native:  # auto computes what bf16 does here: one id, never taken for an fp32 run
@@ -72,9 +73,8 @@ def test_a_run_records_its_precision_and_is_evaluated_in_it_on_any_cpu(tmp_path,
     from sam_peft.run import evaluate_run, run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg = {"task": "cb", "model": "tiny", "data_dir": "demo", "method": {"name": "full"}, "device": "cpu",
-           "output_dir": str(tmp_path), "train": {"max_steps": 6, "eval_every": 3, "min_steps": 0,
-                                                  "max_seq_len": 32, "lr": 5e-3, "precision": "auto"}}
+    cfg = tiny_run("cb", "full", tmp_path, {"max_steps": 6, "eval_every": 3, "min_steps": 0, "max_seq_len": 32,
+                                            "lr": 5e-3, "precision": "auto"}, device="cpu")
     results = {}
     for native in (True, False):
         monkeypatch.setattr(device_lib, "cpu_has_native_bf16", lambda cpuinfo=None: native)

@@ -13,7 +13,7 @@ from sam_peft.engine import learning_rate, schedule
 from sam_peft.errors import UserError
 from sam_peft.identity import run_id
 from sam_peft.loader import build_config
-from util import hand_trainer, lr_trace
+from util import SHORT, hand_trainer, lr_trace, tiny_run
 
 
 # ------------------------------------------------------------------------ the authors' schedule
@@ -57,11 +57,9 @@ def test_authors_schedule_barely_ramps_on_a_large_task():
 def test_train_log_shows_the_schedule_s_lr(tmp_path):
     from sam_peft.run import run
 
-    cfg = build_config({"task": "cb", "model": "tiny", "data_dir": "demo", "method": {"name": "bitfit"},
-                        "output_dir": str(tmp_path), "device": "cpu",
-                        "train": {"max_steps": 8, "eval_every": 4, "min_steps": 0, "batch_size": 4, "lr": 1e-3,
-                                  "warmup": 0.5, "schedule_epochs": 2, "log_every": 1, "max_seq_len": 32,
-                                  "precision": "fp32"}})
+    cfg = build_config(tiny_run("cb", "bitfit", tmp_path, {**SHORT, "max_steps": 8, "eval_every": 4, "batch_size": 4,
+                                                           "lr": 1e-3, "warmup": 0.5, "schedule_epochs": 2,
+                                                           "log_every": 1}, device="cpu"))
     result = run(cfg, progress=False, log=lambda *a: None)
     from sam_peft.data import demo_data_dir, load_splits
 
@@ -100,7 +98,7 @@ def test_schedule_epochs_with_warmup_steps_is_an_error(tmp_path, capsys):
 
 def test_a_new_key_at_its_neutral_default_leaves_run_ids_alone():
     # Results made before train.schedule_epochs existed keep their ids: at None it is not hashed.
-    base = {"task": "cb", "model": "tiny", "data_dir": "demo", "train": {"precision": "fp32"}}
+    base = tiny_run("cb", "sam", train={"precision": "fp32"})
     plain = run_id(build_config(base))
     assert run_id(build_config(base, ["train.schedule_epochs=null"])) == plain
     assert run_id(build_config(base, ["train.schedule_epochs=100"])) != plain
@@ -203,10 +201,8 @@ def test_diffprune_gate_head_projects_the_head_per_tensor_as_the_authors():
 def test_diffprune_gate_head_counts_the_head_apart(tmp_path):
     from sam_peft.run import run
 
-    cfg = build_config({"task": "cb", "model": "tiny", "data_dir": "demo", "output_dir": str(tmp_path), "device": "cpu",
-                        "method": {"name": "diffprune", "density": 0.05, "burnin_steps": 2, "gate_head": True},
-                        "train": {"max_steps": 4, "eval_every": 2, "min_steps": 0, "max_seq_len": 32,
-                                  "precision": "fp32"}})
+    cfg = build_config(tiny_run("cb", {"name": "diffprune", "density": 0.05, "burnin_steps": 2, "gate_head": True},
+                                tmp_path, {**SHORT, "max_steps": 4}, device="cpu"))
     result = run(cfg, progress=False, log=lambda *a: None)
     from sam_peft.selection import budget
 
@@ -236,10 +232,8 @@ def test_a_run_records_positive_scores_and_warns_when_top_k_fills_by_position(tm
 
     def sam_run(**method):
         lines = []
-        cfg = build_config({"task": "rte", "model": "tiny", "data_dir": "demo", "output_dir": str(tmp_path),
-                            "device": "cpu", "method": {"name": "sam", "burnin_steps": 2, **method},
-                            "train": {"max_steps": 2, "eval_every": 2, "min_steps": 0, "max_seq_len": 32,
-                                      "precision": "fp32"}})
+        cfg = build_config(tiny_run("rte", {"name": "sam", "burnin_steps": 2, **method}, tmp_path, SHORT,
+                                    device="cpu"))
         return run(cfg, progress=False, log=lines.append), lines
 
     # Per tensor at p = 0.5: the position table's rows beyond the longest example get no gradient,
@@ -258,9 +252,7 @@ def test_a_run_records_positive_scores_and_warns_when_top_k_fills_by_position(tm
 def test_methods_without_a_top_k_record_none(tmp_path):
     from sam_peft.run import run
 
-    cfg = build_config({"task": "rte", "model": "tiny", "data_dir": "demo", "output_dir": str(tmp_path), "device": "cpu",
-                        "method": {"name": "bitfit"}, "train": {"max_steps": 2, "eval_every": 2, "min_steps": 0,
-                                                                 "max_seq_len": 32, "precision": "fp32"}})
+    cfg = build_config(tiny_run("rte", "bitfit", tmp_path, SHORT, device="cpu"))
     result = run(cfg, progress=False, log=lambda *a: None)
     assert result["n_positive_scores"] is None and result["n_chosen_without_positive_score"] is None
 
@@ -310,6 +302,7 @@ def test_reproduce_scripts_authors_switch(table, tmp_path):
 # ------------------------------------------------------------------------ learning-rate grids
 
 
+@pytest.mark.slow
 def test_lr_and_lr_x_burnin_grids_choose_per_row_on_val(tmp_path, capsys):
     from pathlib import Path
 
@@ -360,10 +353,7 @@ def test_every_record_says_its_machine_precision_and_versions(tmp_path, monkeypa
     import sam_peft
     from sam_peft.run import run
 
-    cfg = build_config({"task": "rte", "model": "tiny", "data_dir": "demo", "output_dir": str(tmp_path),
-                        "device": "cpu", "threads": 1, "method": {"name": "bitfit"},
-                        "train": {"max_steps": 2, "eval_every": 2, "min_steps": 0, "max_seq_len": 32,
-                                  "precision": "fp32"}})
+    cfg = build_config(tiny_run("rte", "bitfit", tmp_path, SHORT, device="cpu", threads=1))
     result = run(cfg, progress=False, log=lambda *a: None)
     machine = result["machine"]
     assert machine["threads"] == 1 and machine["gpu"] is None and machine["device"] == machine["cpu"]
@@ -394,6 +384,7 @@ def test_cpu_model_is_read_from_cpuinfo():
     assert cpu_model("processor\t: 0\n")  # no model name line: platform's answer, never empty
 
 
+@pytest.mark.slow
 def test_authors_schedule_script_prints_every_task(tmp_path):
     import subprocess
     import sys
@@ -432,10 +423,7 @@ def test_a_run_at_the_trivial_score_is_warned_about(tmp_path):
             self.head.out_proj.bias[majority] = 100.0
 
     lines = []
-    cfg = build_config({"task": "rte", "model": "tiny", "data_dir": "demo", "output_dir": str(tmp_path),
-                        "device": "cpu", "method": {"name": "bitfit"},
-                        "train": {"max_steps": 2, "eval_every": 2, "min_steps": 0, "max_seq_len": 32,
-                                  "precision": "fp32", "lr": 1e-6}})
+    cfg = build_config(tiny_run("rte", "bitfit", tmp_path, {**SHORT, "lr": 1e-6}, device="cpu"))
     with unittest.mock.patch.object(model_lib.TaskModel, "__init__", constant_head):
         result = run(cfg, progress=False, log=lines.append)
     for split in ("val", "test"):

@@ -29,9 +29,8 @@ import util
 from util import results_of
 
 # Tiny runs that still checkpoint (every evaluation) and log often, so a kill can land anywhere.
-TINY = {"model": "tiny", "data_dir": "demo", "threads": 1,
-        "train": {"max_steps": 24, "eval_every": 4, "min_steps": 0, "patience": 100, "max_seq_len": 64,
-                  "eval_batch_size": 64, "log_every": 2}}
+TINY = util.tiny_sweep({"max_steps": 24, "eval_every": 4, "min_steps": 0, "patience": 100, "max_seq_len": 64,
+                        "eval_batch_size": 64, "log_every": 2}, threads=1)
 METHODS = ["bitfit", {"name": "sam", "density": 0.01, "burnin_steps": 2}]
 NAN_METHOD = {"name": "full", "label": "Full lr=1e6", "train": {"lr": 1.0e6, "grad_clip": 0}}
 
@@ -86,6 +85,7 @@ def started_pids(log: Path) -> set[int]:
     return {int(m) for m in re.findall(r"^start \S+ \(pid (\d+)", log.read_text(), re.M)}
 
 
+@pytest.mark.slow
 def test_sigkill_at_several_points_then_resume(tmp_path):
     """kill -9 a real sweep process: in its first run, after k runs, and with two workers (one of
     them killed first) at a random moment; each rerun picks up where it stopped, and the end
@@ -116,6 +116,7 @@ def test_sigkill_at_several_points_then_resume(tmp_path):
     check_files_whole(out, finished=False)
     for rid in resumable:
         assert re.search(rf"{rid}: resuming from step \d+", (tmp_path / "2.log").read_text())
+        assert results_of(out)[rid]["resumed_from_step"] is not None  # finished from its checkpoint
 
     # 3. two worker processes: one is killed in its run (that run fails, a new worker takes over),
     #    then the sweep itself at a random moment, and no worker outlives it
@@ -168,6 +169,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_two_sweeps_on_one_directory_execute_each_run_once(tmp_path):
     out = tmp_path / "out"
     sweep = write_sweep(tmp_path / "sweep.yaml", out, tasks=["rte", "cb", "cola"])
@@ -202,7 +204,7 @@ def test_workers_are_pinned_to_gpus_round_robin(tmp_path, monkeypatch):
     monkeypatch.setattr(executors, "_exit_with_parent", lambda pid: None)  # no watcher thread in pytest
     monkeypatch.setattr(executors.signal, "signal", lambda *args: None)  # and pytest keeps its Ctrl-C
     tasks, results = queue.Queue(), queue.Queue()
-    base = {"model": "tiny", "data_dir": "demo", "task": "rte", "output_dir": str(tmp_path)}
+    base = util.tiny_run("rte", "sam", tmp_path)
     for seed, device in enumerate(("auto", "cuda", "cpu")):
         tasks.put(build_config({**base, "seed": seed, "device": device}))
     tasks.put(build_config({**base, "seed": 3, "threads": 5}))

@@ -10,15 +10,15 @@ from safetensors import safe_open
 from sam_peft import delta as delta_lib
 from sam_peft.loader import build_config
 from sam_peft.run import build, evaluate_run, run
+from util import tiny_run
 
 FAST = {"max_steps": 24, "eval_every": 8, "patience": 2, "min_steps": 0, "max_seq_len": 64, "lr": 5e-3,
         "log_every": 4}
 
 
 def demo_cfg(tmp_path, task="rte", method=None, seed=0, **train):
-    return build_config({"model": "tiny", "data_dir": "demo", "task": task, "seed": seed,
-                         "method": method or {"name": "sam", "density": 0.01, "burnin_steps": 4},
-                         "output_dir": str(tmp_path / "runs"), "train": {**FAST, **train}})
+    return build_config(tiny_run(task, method or {"name": "sam", "density": 0.01, "burnin_steps": 4},
+                                 tmp_path / "runs", {**FAST, **train}, seed=seed))
 
 
 METHODS = [

@@ -19,14 +19,11 @@ from sam_peft.methods import list_methods
 from sam_peft.sweep_expand import load_sweep
 
 import util
+from util import tiny_run, tiny_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-BASE = {
-    "model": "tiny",
-    "data_dir": "demo",
-    "train": {"max_steps": 4, "eval_every": 2, "min_steps": 0, "max_seq_len": 64, "eval_batch_size": 64},
-}
+BASE = tiny_sweep({"max_steps": 4, "eval_every": 2, "min_steps": 0, "max_seq_len": 64, "eval_batch_size": 64})
 
 
 def write_sweep(tmp_path: Path, **keys) -> Path:
@@ -96,8 +93,7 @@ def test_overrides_edit_the_sweep(tmp_path):
 
 def test_base_file_is_merged_and_its_run_keys_ignored(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(
-        {"model": "tiny", "data_dir": "demo", "task": "wsc", "method": {"name": "full"}, "seed": 5,
-         "train": {"max_steps": 9, "lr": 0.5}}))
+        tiny_run("wsc", "full", train={"max_steps": 9, "lr": 0.5}, seed=5)))
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({"base": "run.yaml", "output_dir": str(tmp_path / "runs"), "tasks": ["cb"],
                                     "methods": ["bitfit"], "train": {"lr": 0.25}}))
@@ -253,6 +249,7 @@ def test_paper_sweeps_expand(name, count, capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end_then_table(tmp_path, capsys):
     """A real sweep (tiny model, demo data, a few steps): 2 methods x 1 task x 2 seeds, then the table."""
     path = small_sweep(tmp_path)

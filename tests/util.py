@@ -43,6 +43,31 @@ SPLITS_MISSING = (f"the authors' splits are not at {PAPER_SPLITS}: set SAM_PEFT_
                   "holds them (`sam-peft data prepare --out DIR`)")
 
 
+# ---------------------------------------------------------------- tiny configs (one place for every test's)
+
+# The shortest run that trains, evaluates and writes everything: two steps, one evaluation.
+SHORT = {"max_steps": 2, "eval_every": 2, "min_steps": 0, "max_seq_len": 32, "precision": "fp32"}
+
+
+def tiny_run(task: str = "rte", method: str | dict = "bitfit", output_dir=None, train: dict | None = None,
+             **keys) -> dict:
+    """A run config tree: the offline `tiny` model on the built-in data, `task` and `method` (a
+    name or a mapping), `train` as the whole train section (None: the defaults), `keys` on top."""
+    tree = {"model": "tiny", "data_dir": "demo", "task": task,
+            "method": {"name": method} if isinstance(method, str) else method}
+    if output_dir is not None:
+        tree["output_dir"] = str(output_dir)
+    if train is not None:
+        tree["train"] = train
+    return {**tree, **keys}
+
+
+def tiny_sweep(train: dict | None = None, **keys) -> dict:
+    """The base of a sweep file on the offline `tiny` model and the built-in data: `train` as its
+    train section, `keys` (threads, device, tasks, methods...) on top."""
+    return {"model": "tiny", "data_dir": "demo", **({"train": train} if train is not None else {}), **keys}
+
+
 def write_sweep(path: Path, output_dir: Path, base: dict, **keys) -> Path:
     """A sweep file: `base` (model, data, train keys...) with output_dir and `keys` on top."""
     tree = {**base, "output_dir": str(output_dir), **keys}
@@ -97,8 +122,7 @@ def hand_config(method: dict, task: str = "cb", seed: int = 0, **train):
     protocol = {"max_steps": 30, "eval_every": 10, "patience": 100, "min_steps": 0, "batch_size": 8,
                 "eval_batch_size": 16, "lr": 1e-2, "warmup": 0.0, "precision": "fp32"}
     protocol.update(train)
-    return build_config({"model": "tiny", "task": task, "method": method, "seed": seed,
-                         "output_dir": "/nonexistent", "train": protocol})
+    return build_config(tiny_run(task, method, "/nonexistent", protocol, seed=seed, data_dir="data"))
 
 
 def hand_trainer(method: dict, task: str = "cb", seed: int = 0, log_eval=None, **train):
@@ -125,8 +149,7 @@ class Killed(BaseException):
 
 
 def cfg_for(tmp_path, method, **train):
-    return build_config({"model": "tiny", "data_dir": "demo", "task": "cb", "seed": 3, "method": method,
-                         "output_dir": str(tmp_path), "train": {**PROTOCOL, **train}})
+    return build_config(tiny_run("cb", method, tmp_path, {**PROTOCOL, **train}, seed=3))
 
 
 def outputs(run_dir):
