@@ -215,7 +215,7 @@ def time_engine(name, shape, device, data, steps, warmup, compile_, precision: s
         times.append(time.perf_counter() - t)
     peak = peak_bytes(device, scope)
     step_s = statistics.median(times)
-    opt_bytes = tr.optimizer_state_bytes()
+    opt_bytes = tr.optimizer.state_bytes()  # the engine's own count (its FitResult.optimizer_state_bytes)
     # the delta after these steps (sizes depend on what trains, not on how long)
     tensors, counts = delta_lib.build(tr.model, tr.theta0, base_names)
     with tempfile.TemporaryDirectory() as tmp:
