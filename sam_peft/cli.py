@@ -37,10 +37,14 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from sam_peft.export import merged
+    from sam_peft.export import merged, peft_shira
 
-    out = merged(args.delta, args.merged, base=args.base)
-    print(f"{out}: a Hugging Face checkpoint (base + delta); load it with its Auto class's from_pretrained")
+    if args.merged:
+        out = merged(args.delta, args.merged, base=args.base)
+        print(f"{out}: a Hugging Face checkpoint (base + delta); load it with its Auto class's from_pretrained")
+    else:
+        out = peft_shira(args.delta, args.peft, base=args.base)
+        print(f"{out}: a PEFT SHiRA adapter; load it with PeftModel.from_pretrained(base_model, '{out}')")
     return 0
 
 
@@ -218,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.set_defaults(func=_cmd_eval)
 
-    x = sub.add_parser("export", help="a delta of the Trainer integration as a merged Hugging Face checkpoint")
+    x = sub.add_parser("export", help="a Trainer delta as a merged HF checkpoint or a PEFT SHiRA adapter")
     x.add_argument("delta", help="a delta.safetensors, or the folder holding it")
-    x.add_argument("--merged", required=True, metavar="OUT", help="a new folder: config, weights, tokenizer")
+    what = x.add_mutually_exclusive_group(required=True)
+    what.add_argument("--merged", metavar="OUT", help="a new folder: config, weights, tokenizer")
+    what.add_argument("--peft", metavar="OUT", help="a new folder: a PEFT SHiRA adapter (Linear-weight deltas)")
     x.add_argument("--base", help="the base model's path or hub name, where it is not the one the delta records")
     x.set_defaults(func=_cmd_export)
 

@@ -1,7 +1,8 @@
-"""A sam-peft result for the Hugging Face stack: a merged checkpoint that the model's own class loads.
+"""A sam-peft result for the Hugging Face stack: a merged checkpoint, or a PEFT SHiRA adapter.
 
     sam-peft export out/rte/delta.safetensors --merged rte-merged [--base PATH_OR_NAME]
     AutoModelForSequenceClassification.from_pretrained("rte-merged")   # the fine-tuned model
+    sam-peft export out/rte --peft rte-shira                            # PeftModel.from_pretrained(base, ...)
 
 A delta written by the Trainer integration (hf.SparseFineTuning) records what the export needs:
 the model class (config.architectures), the labels (num_labels, id2label, label2id,
@@ -51,21 +52,23 @@ def _check_out(out: Path) -> None:
         raise UserError(f"{out}: cannot be written ({reason})")
 
 
-def merged(delta_or_dir, out, base: str | None = None, log=print) -> Path:
-    """Write base + delta as a plain Hugging Face checkpoint folder `out`; returns its path."""
-    import transformers
-
+def _source(delta_or_dir, base: str | None):
+    """(delta path, metadata, HF record, base) of a Trainer delta, or a one-line UserError."""
     path = _delta_file(Path(delta_or_dir))
     meta = delta_lib.read_metadata(path)
-    out = Path(out)
     if "hf" not in meta:
         raise UserError(f"{path}: records no Hugging Face model class (a delta of `sam-peft run`, or of an "
-                        f"older sam-peft); merged export takes deltas of sam_peft.hf.SparseFineTuning")
-    record = json.loads(meta["hf"])
+                        f"older sam-peft); export takes deltas of sam_peft.hf.SparseFineTuning")
     base = base or meta.get("base_model")
     if not base:
         raise UserError(f"{path}: records no base model; name it with --base")
-    _check_out(out)
+    return path, meta, json.loads(meta["hf"]), base
+
+
+def _load_base(path: Path, record: dict, base: str):
+    """The base model, built with the class and labels the delta records."""
+    import transformers
+
     arch = record["architectures"][0]
     cls = getattr(transformers, arch, None)
     if cls is None:
@@ -75,26 +78,134 @@ def merged(delta_or_dir, out, base: str | None = None, log=print) -> Path:
         fields["id2label"] = {int(k): v for k, v in fields["id2label"].items()}
     try:
         config = transformers.AutoConfig.from_pretrained(base, **fields)
-        model = cls.from_pretrained(base, config=config)
+        return cls.from_pretrained(base, config=config)
     except (OSError, ValueError) as e:
         raise UserError(f"{base}: cannot load the base model ({str(e).splitlines()[0][:160]})") from None
-    delta_lib.apply(model, path)  # one-line UserError if the base differs from the delta's
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-        log(f"{base}: no tokenizer to copy; {out} holds the model only")
+
+
+def _write_folder(out: Path, write) -> Path:
+    """`write(folder)` into a temporary folder beside `out`, renamed to `out` when complete."""
     tmp = out.with_name(f".{out.name}.tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write(tmp)
         if out.exists():
-            out.rmdir()  # empty, checked above
+            out.rmdir()  # empty, checked before
         tmp.rename(out)
     except OSError as e:
         raise write_error(out, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def merged(delta_or_dir, out, base: str | None = None, log=print) -> Path:
+    """Write base + delta as a plain Hugging Face checkpoint folder `out`; returns its path."""
+    import transformers
+
+    path, _, record, base = _source(delta_or_dir, base)
+    out = Path(out)
+    _check_out(out)
+    model = _load_base(path, record, base)
+    delta_lib.apply(model, path)  # one-line UserError if the base differs from the delta's
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+        log(f"{base}: no tokenizer to copy; {out} holds the model only")
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    return _write_folder(out, write)
+
+
+def _read_entries(path: Path) -> tuple[dict, dict]:
+    """({name: (sorted flat indices, deltas)}, {name: whole tensor}) of a delta file."""
+    from safetensors import safe_open
+
+    sparse, whole = {}, {}
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        for name in sorted({k.split("::")[0] for k in keys} - {"__empty__"}):
+            if name in keys:
+                whole[name] = f.get_tensor(name)
+            else:
+                sparse[name] = (f.get_tensor(f"{name}::index").long(), f.get_tensor(f"{name}::delta"))
+    return sparse, whole
+
+
+def peft_shira(delta_or_dir, out, base: str | None = None, log=print) -> Path:
+    """Write a Trainer delta as a PEFT SHiRA adapter folder `out` (PeftModel.from_pretrained(base, out)).
+
+    SHiRA holds nn.Linear weights only, with r x (in + out) entries in every adapted layer and one r
+    for all: r is the smallest that holds the densest layer, and each layer is padded with unchosen
+    entries of value 0. Whole trained modules (the task head) go to `modules_to_save`. Entries
+    outside Linear weights are refused (export those deltas with `merged`). The adapter adds each
+    value to the base weight, so about 3% of entries land one float32 rounding away from the trained
+    value (sam-peft's own deltas store those exactly).
+    """
+    import math
+
+    import torch
+    from peft import ShiraConfig, get_peft_model
+    from torch import nn
+
+    path, meta, record, base = _source(delta_or_dir, base)
+    out = Path(out)
+    _check_out(out)
+    model = _load_base(path, record, base)
+    eligible = set(json.loads(meta.get("eligible", "[]")))
+    named, modules = dict(model.named_parameters()), dict(model.named_modules())
+    theta0 = {n: named[n] for n in eligible if n in named}
+    if theta0 and delta_lib.base_fingerprint(theta0) != meta.get("base_fingerprint"):
+        raise UserError(f"{path}: made from a different base model than '{base}' gives now")
+    sparse, whole = _read_entries(path)
+
+    def linear(name: str) -> nn.Linear | None:
+        module = modules.get(name.rpartition(".")[0])
+        return module if name.endswith(".weight") and isinstance(module, nn.Linear) else None
+
+    outside = {n: int(idx.numel()) for n, (idx, _) in sparse.items() if linear(n) is None}
+    outside.update({n: named[n].numel() for n in whole if n in eligible})  # eligible tensors stored whole
+    if outside:
+        where = ", ".join(f"{n}: {c:,}" for n, c in sorted(outside.items(), key=lambda x: -x[1])[:3])
+        raise UserError(f"{path}: {sum(outside.values()):,} entries in {len(outside)} tensors lie outside nn.Linear "
+                        f"weights ({where}{', ...' if len(outside) > 3 else ''}), which SHiRA cannot hold; "
+                        f"export with --merged, or select among Linear weights only")
+    heads = sorted({n.rpartition(".")[0] for n in whole})
+    for head in heads:
+        own = {f"{head}.{p}" for p, _ in modules[head].named_parameters(recurse=False)}
+        if not own <= set(whole):
+            raise UserError(f"{path}: module '{head}' trained only in part; SHiRA saves whole modules")
+    layers = {n: linear(n) for n in sparse}
+    r = max(math.ceil(idx.numel() / (m.in_features + m.out_features)) for n, m in layers.items()
+            for idx in [sparse[n][0]])
+    too_small = [n for n, m in layers.items() if r * (m.in_features + m.out_features) > m.weight.numel()]
+    if too_small:
+        raise UserError(f"{path}: SHiRA's r = {r} needs more entries than '{too_small[0]}' has; export with --merged")
+    masks, values = {}, {}
+    for name, module in layers.items():
+        idx, delta = sparse[name]
+        want = r * (module.in_features + module.out_features)
+        taken = torch.zeros(module.weight.numel(), dtype=torch.bool)
+        taken[idx] = True
+        pad = torch.nonzero(~taken).squeeze(1)[: want - idx.numel()]  # unchosen entries, value 0
+        chosen = torch.sort(torch.cat([idx, pad])).values
+        value = torch.zeros(module.weight.numel(), dtype=torch.float32)
+        value[idx] = delta.float()
+        masks[id(module)] = taken.index_fill_(0, pad, True).view_as(module.weight)
+        values[name.rpartition(".")[0]] = value[chosen]
+    with torch.no_grad():
+        for name, tensor in whole.items():
+            named[name].copy_(tensor)  # the head's trained values, then copied into modules_to_save
+    config = ShiraConfig(r=r, target_modules=sorted(values), modules_to_save=heads or None)
+    config.mask_fn = lambda base_layer, r, **kwargs: masks[id(base_layer)].to(base_layer.weight.dtype)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, value in values.items():
+            layer = peft_model.base_model.model.get_submodule(name)
+            layer.shira_weight["default"].copy_(value.to(layer.shira_weight["default"].dtype))
+    return _write_folder(out, peft_model.save_pretrained)

@@ -48,6 +48,7 @@ from transformers import TrainerCallback
 
 from sam_peft import lib
 from sam_peft.export import hf_record
+from sam_peft.params import linear_weight_names
 from sam_peft.selection import zero_budget
 
 log = logging.getLogger("sam_peft")
@@ -73,9 +74,10 @@ class SparseFineTuning(TrainerCallback):
                    eligible entries train), burnin_steps, score, topk, variant.
     params:        the eligible parameter names (default: a language model's every parameter, a
                    tied weight once; else the encoder, every parameter under model.base_model_prefix,
-                   or all parameters if the model has no such prefix).
-    dense:         parameters that train whole (default: every other parameter that requires
-                   grad, i.e. the task head). Parameters in neither list are frozen.
+                   or all parameters if the model has no such prefix); "linear_weights": the
+                   nn.Linear weights among those (what a PEFT SHiRA adapter holds).
+    dense:         parameters that train whole (default: those outside the default eligible ones
+                   that require grad, i.e. the task head). Parameters in neither list are frozen.
     loss_fn:       (model, batch) -> loss for the scoring batches (default: the model's own loss).
     max_grad_norm: clip by the norm of the trained entries (default: TrainingArguments'; see the
                    module's note).
@@ -94,12 +96,16 @@ class SparseFineTuning(TrainerCallback):
         self.method = lib.sparse_method(selector, **options)  # one-line ValueError for what cannot run here
         self.selector, self.options = selector, options
         named = dict(model.named_parameters())  # a tied weight (an LM's embeddings and lm_head) once
-        self.eligible = list(params) if params is not None else _default_eligible(model)
+        default = _default_eligible(model)
+        if params == "linear_weights":  # what a PEFT SHiRA adapter can hold (sam_peft.export.peft_shira)
+            linear = linear_weight_names(model)
+            params = [n for n in default if n in linear]
+        self.eligible = list(params) if params is not None else default
         missing = [n for n in self.eligible if n not in named]
         if missing:
             raise KeyError(f"no parameter named {missing[0]!r} in the model")
-        if dense is None:
-            dense = [n for n, p in named.items() if n not in self.eligible and p.requires_grad]
+        if dense is None:  # the task head: what lies outside the default eligible parameters
+            dense = [n for n, p in named.items() if n not in default and n not in self.eligible and p.requires_grad]
         self.dense = list(dense)
         both = set(self.eligible) & set(self.dense)
         if both:

@@ -123,3 +123,57 @@ def test_the_cli_verb_exports_and_refuses_in_one_line(tmp_path, bpe_tokenizer, c
     assert main(["export", str(tmp_path / "run"), "--merged", str(tmp_path / "merged")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sam-peft: error: ") and "exists and is not an empty folder" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------- a PEFT SHiRA adapter
+
+LOAD_WITHOUT_SAM_PEFT = """
+import sys
+sys.modules["sam_peft"] = None  # loading must not need sam-peft
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+base = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], num_labels=3)
+model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load(sys.argv[3])).logits, sys.argv[4])
+"""
+
+
+def test_a_linear_weights_delta_exports_to_a_shira_adapter_that_plain_peft_loads(tmp_path, bpe_tokenizer):
+    import subprocess
+    import sys
+
+    pytest.importorskip("peft")
+    base = encoder_base(tmp_path, bpe_tokenizer)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=3)
+    train_sparse(model, tmp_path / "run", params="linear_weights", topk="per_tensor")
+    from sam_peft.cli import main
+
+    assert main(["export", str(tmp_path / "run"), "--peft", str(tmp_path / "shira")]) == 0
+    out = tmp_path / "shira"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+    ids = torch.stack([r["input_ids"] for r in rows(4, seed=7)])
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", LOAD_WITHOUT_SAM_PEFT, str(base), str(out), str(tmp_path / "ids.pt"),
+                    str(tmp_path / "logits.pt")], check=True, capture_output=True)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    # Equal up to float32 rounding: the adapter adds each value to the base weight.
+    assert torch.allclose(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_delta_outside_linear_weights_is_refused_for_shira_in_one_line(tmp_path, bpe_tokenizer):
+    pytest.importorskip("peft")
+    from sam_peft.export import peft_shira
+
+    base = encoder_base(tmp_path, bpe_tokenizer)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=3)
+    train_sparse(model, tmp_path / "run")  # the whole encoder eligible: embeddings, LayerNorm, biases too
+    with pytest.raises(UserError) as err:
+        peft_shira(tmp_path / "run", tmp_path / "shira")
+    message = str(err.value)
+    assert "entries in" in message and "outside nn.Linear weights" in message and "--merged" in message
+    assert "\n" not in message and not (tmp_path / "shira").exists()
