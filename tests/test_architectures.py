@@ -93,6 +93,7 @@ def test_roles_resolve_to_every_linear_of_every_layer(model_type, checkpoints):
     assert all(len(names) == (4 if fused else 6) for names in per_layer.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_every_method_runs_and_its_delta_round_trips(model_type, checkpoints, tmp_path):
     folder = checkpoints[model_type]

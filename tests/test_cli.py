@@ -38,7 +38,6 @@ def test_list_methods_and_tasks(capsys):
     assert all(t in out for t in ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"))
 
 
-@pytest.mark.slow
 def test_run_then_eval_prints_identical(tmp_path, capsys):
     config = Path(__file__).resolve().parents[1] / "configs" / "demo_run.yaml"
     code = main(["run", str(config), f"output_dir={tmp_path}", "train.max_steps=30",

@@ -63,6 +63,7 @@ def test_the_device_mode_refuses_to_run_without_out_or_on_demo_data(carry, tmp_p
     assert proc.returncode == 2 and "demo data" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_runs_every_part_and_writes_at_most_8_files(carry, tmp_path):
     out = tmp_path / "out"
     env = _env(GPU_CHECK_CARRY=str(carry), OUT=str(out), GPU_CHECK_WORK=str(tmp_path / "work"),

@@ -126,6 +126,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_model_in_the_hub_cache_loads_without_the_hub(tmp_path):
     """The cache is tried first: a cached model needs no network (a real process with its own HF_HOME)."""
     snapshot = tmp_path / "hf-home" / "hub" / "models--sam-peft-tests--cached" / "snapshots" / "0123abcd"

@@ -26,6 +26,7 @@ def small_options(name: str) -> dict:
     return {"name": name, **{k: v for k, v in SMALL.items() if k in fields}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_methods())
 def test_method_contract(name, tmp_path, monkeypatch):
     method = small_options(name)

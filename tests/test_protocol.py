@@ -302,7 +302,6 @@ def test_reproduce_scripts_authors_switch(table, tmp_path):
 # ------------------------------------------------------------------------ learning-rate grids
 
 
-@pytest.mark.slow
 def test_lr_and_lr_x_burnin_grids_choose_per_row_on_val(tmp_path, capsys):
     from pathlib import Path
 
@@ -384,7 +383,6 @@ def test_cpu_model_is_read_from_cpuinfo():
     assert cpu_model("processor\t: 0\n")  # no model name line: platform's answer, never empty
 
 
-@pytest.mark.slow
 def test_authors_schedule_script_prints_every_task(tmp_path):
     import subprocess
     import sys

@@ -249,7 +249,6 @@ def test_paper_sweeps_expand(name, count, capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.slow
 def test_tiny_sweep_end_to_end_then_table(tmp_path, capsys):
     """A real sweep (tiny model, demo data, a few steps): 2 methods x 1 task x 2 seeds, then the table."""
     path = small_sweep(tmp_path)
