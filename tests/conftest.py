@@ -128,3 +128,13 @@ def keep_torch_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run faster on one intra-op thread than on several, and tens of times faster
+    when other processes share the cores (tests/test_hf*.py, test_export.py use it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

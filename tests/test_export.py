@@ -15,12 +15,7 @@ VOCAB, LENGTH = 60, 10
 LABELS = {0: "entailment", 1: "neutral", 2: "contradiction"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rows(n=32, seed=0, labels=3, lm=False):

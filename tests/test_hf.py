@@ -14,14 +14,8 @@ from sam_peft.hf import SparseFineTuning
 from sam_peft.methods.base import SelectContext
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread runs them faster than several, and tens of
-    times faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB, LENGTH = 60, 12
 
 

@@ -15,12 +15,7 @@ from sam_peft.scoring import GradientStats
 VOCAB, LENGTH, PAD = 64, 12, 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(seed=0):
