@@ -203,3 +203,16 @@ def check_delta_belongs(delta_path: Path, meta: dict, cfg, result: dict) -> None
     if theirs_id and ours_id and theirs_id != ours_id:
         raise UserError(f"{delta_path}: the delta of run {theirs_id}, but this folder holds run {ours_id} "
                         "(result.json)")
+
+
+# Config fields a Trainer delta records (hf.SparseFineTuning.save_delta) and the export restores.
+CONFIG_FIELDS = ("architectures", "num_labels", "id2label", "label2id", "problem_type")
+
+
+def hf_record(model) -> dict:
+    """What export.merged() needs to rebuild `model`'s class from its base: stored in a delta's metadata."""
+    config = getattr(model, "config", None)
+    record = {"architectures": [type(model).__name__]}
+    if config is not None:
+        record.update({k: getattr(config, k) for k in CONFIG_FIELDS[1:] if getattr(config, k, None) is not None})
+    return record

@@ -19,21 +19,11 @@ import shutil
 from pathlib import Path
 
 from sam_peft import delta as delta_lib
+from sam_peft.delta import CONFIG_FIELDS
 from sam_peft.errors import UserError
 from sam_peft.io import unwritable_folder_reason, write_error
 
-# Config fields a Trainer delta records (hf.SparseFineTuning.save_delta) and the export restores.
-CONFIG_FIELDS = ("architectures", "num_labels", "id2label", "label2id", "problem_type")
 DELTA_FILE = "delta.safetensors"
-
-
-def hf_record(model) -> dict:
-    """What merged() needs to rebuild `model`'s class from its base: stored in a delta's metadata."""
-    config = getattr(model, "config", None)
-    record = {"architectures": [type(model).__name__]}
-    if config is not None:
-        record.update({k: getattr(config, k) for k in CONFIG_FIELDS[1:] if getattr(config, k, None) is not None})
-    return record
 
 
 def _delta_file(path: Path) -> Path:
@@ -99,10 +89,20 @@ def _write_folder(out: Path, write) -> Path:
     return out
 
 
+def is_run_dir(path) -> bool:
+    """A run directory of `sam-peft run` (its config beside the delta), not a Trainer's output."""
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "result.json").is_file()
+
+
 def merged(delta_or_dir, out, base: str | None = None, log=print) -> Path:
-    """Write base + delta as a plain Hugging Face checkpoint folder `out`; returns its path."""
+    """Write base + delta as a plain Hugging Face checkpoint folder `out`; returns its path. A run
+    directory of `sam-peft run` goes to run_export (the encoder, and the head beside it)."""
     import transformers
 
+    if is_run_dir(delta_or_dir):
+        if base:
+            raise UserError(f"{delta_or_dir}: a run directory rebuilds its base from its config.yaml; drop --base")
+        return run_export(delta_or_dir, out)
     path, _, record, base = _source(delta_or_dir, base)
     out = Path(out)
     _check_out(out)
@@ -120,6 +120,64 @@ def merged(delta_or_dir, out, base: str | None = None, log=print) -> Path:
             tokenizer.save_pretrained(folder)
 
     return _write_folder(out, write)
+
+
+HEAD_FILE = "head.safetensors"
+
+
+def run_export(run_dir, out) -> Path:
+    """A `sam-peft run` result as files the Hugging Face stack reads: the fine-tuned encoder as a
+    plain checkpoint (`AutoModel.from_pretrained(out)`), its tokenizer, and the task head, whose
+    jiant-style shape (pooler -> dense -> tanh -> out_proj; span pooling for WSC) matches no
+    `*ForSequenceClassification` class, as head.safetensors with the task in its metadata.
+    load_run_export(out) rebuilds the whole model. Needs the run's data, as `sam-peft eval` does
+    (the `tiny` model's tokenizer is trained on it)."""
+    import contextlib
+
+    from safetensors.torch import save_file
+
+    from sam_peft.run import rebuild_run
+
+    out = Path(out)
+    _check_out(out)
+    built, _ = rebuild_run(run_dir, "test")
+    method = built.method
+    if method.category == "added":
+        raise UserError(f"{run_dir}: a {method.name} run adds modules to the encoder, which AutoModel cannot load; "
+                        f"`sam-peft eval` rebuilds it from the base and the delta")
+    if not isinstance(method.eval_weights(built.model, "test"), contextlib.nullcontext):
+        raise UserError(f"{run_dir}: the {method.name} run's evaluations see other weights than the trained ones "
+                        f"(e.g. Mixout's eval_reset), which a checkpoint cannot hold")
+    spec, model = built.spec, built.model
+    meta = {"format": "sam-peft-head/1", "task": spec.name, "kind": spec.kind,
+            "labels": json.dumps(list(spec.labels or ())), "head": type(model.head).__name__}
+
+    def write(folder: Path) -> None:
+        model.encoder.save_pretrained(folder)
+        built.tokenizer.save_pretrained(folder)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
+                  str(folder / HEAD_FILE), metadata=meta)
+
+    return _write_folder(out, write)
+
+
+def load_run_export(folder):
+    """The TaskModel of a run_export folder: AutoModel's encoder and the head from head.safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from sam_peft.model import TaskModel
+    from sam_peft.tasks import get_task
+
+    folder = Path(folder)
+    with safe_open(str(folder / HEAD_FILE), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "sam-peft-head/1":
+        raise UserError(f"{folder / HEAD_FILE}: not a sam-peft head file")
+    model = TaskModel(AutoModel.from_pretrained(folder), get_task(meta["task"]))
+    model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+    return model.eval()
 
 
 def _read_entries(path: Path) -> tuple[dict, dict]:
@@ -153,6 +211,9 @@ def peft_shira(delta_or_dir, out, base: str | None = None, log=print) -> Path:
     from peft import ShiraConfig, get_peft_model
     from torch import nn
 
+    if is_run_dir(delta_or_dir):
+        raise UserError(f"{delta_or_dir}: a `sam-peft run` result, whose jiant-style head fits no model class PEFT "
+                        f"adapts; export it with --merged (the encoder, and the head beside it)")
     path, meta, record, base = _source(delta_or_dir, base)
     out = Path(out)
     _check_out(out)

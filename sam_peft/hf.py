@@ -47,7 +47,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from sam_peft import lib
-from sam_peft.export import hf_record
+from sam_peft.delta import hf_record
 from sam_peft.params import linear_weight_names
 from sam_peft.selection import zero_budget
 

@@ -243,8 +243,9 @@ def _run(cfg: RunConfig, progress: bool, force: bool, log) -> dict:
     return result
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
-    """Rebuild base + method structure + delta and evaluate: (metrics, result.json or {})."""
+def rebuild_run(run_dir: str | Path, split: str = "test") -> tuple["Built", dict]:
+    """A finished run's model rebuilt from base + method structure + delta, with `split` loaded:
+    (the built run, its result.json or {})."""
     from sam_peft.loader import load_config
 
     rd = RunDir(run_dir)
@@ -270,6 +271,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
     # (Mixout's eval_reset) sets that up from the pretrained values and the run's seed.
     params = dict(built.model.named_parameters())
     built.method.attach_for_eval(built.model, {n: params[n] for n in built.eligible}, theta0, cfg.seed, built.device)
-    trainer = Trainer(cfg, built.model, built.method, built.data, built.device, built.eligible, progress=False)
-    metrics = trainer.evaluate(split)
-    return metrics, result
+    return built, result
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test") -> tuple[dict, dict]:
+    """Rebuild base + method structure + delta and evaluate: (metrics, result.json or {})."""
+    built, result = rebuild_run(run_dir, split)
+    trainer = Trainer(built.cfg, built.model, built.method, built.data, built.device, built.eligible, progress=False)
+    return trainer.evaluate(split), result

@@ -2,6 +2,8 @@
 model's own Auto class loads, with outputs bitwise equal to the trained model's; bad input is
 one line and leaves nothing behind."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertModel,
@@ -172,3 +174,63 @@ def test_a_delta_outside_linear_weights_is_refused_for_shira_in_one_line(tmp_pat
     message = str(err.value)
     assert "entries in" in message and "outside nn.Linear weights" in message and "--merged" in message
     assert "\n" not in message and not (tmp_path / "shira").exists()
+
+
+# ----------------------------------------------------------------------------- a `sam-peft run` result
+
+
+def test_a_cli_run_exports_its_encoder_for_automodel_and_its_head_beside_it(tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from sam_peft.cli import main
+    from sam_peft.delta import tokenizer_fingerprint
+    from sam_peft.engine import predict
+    from sam_peft.export import load_run_export
+    from sam_peft.loader import build_config
+    from sam_peft.metrics import compute
+    from sam_peft.run import evaluate_run, rebuild_run, run
+    from util import tiny_run
+
+    cfg = build_config(tiny_run(task="rte", method={"name": "sam", "density": 0.05, "burnin_steps": 2},
+                                output_dir=tmp_path / "runs",
+                                train={"max_steps": 6, "eval_every": 3, "batch_size": 8, "max_seq_len": 48}))
+    run_dir = tmp_path / "runs" / run(cfg, progress=False, log=lambda *a: None)["run_id"]
+    assert main(["export", str(run_dir), "--merged", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert AutoModel.from_pretrained(out) is not None and (out / "head.safetensors").is_file()
+
+    expected, _ = evaluate_run(run_dir, "test")
+    built, _ = rebuild_run(run_dir, "test")
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(out)) == tokenizer_fingerprint(built.tokenizer)
+    model = load_run_export(out)
+    preds = predict(model, built.data, "test", 16, torch.device("cpu"), contextlib.nullcontext)
+    assert compute(built.data.spec, preds, built.data.labels("test")) == expected  # exactly `sam-peft eval`'s
+
+    # The documented few-line loader for a classification head, without sam-peft's classes.
+    from safetensors.torch import load_file
+
+    encoder, head = AutoModel.from_pretrained(out).eval(), load_file(str(out / "head.safetensors"))
+    ids = torch.randint(3, 40, (2, 12))
+    with torch.no_grad():
+        pooled = encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).pooler_output
+        by_hand = torch.nn.functional.linear(
+            torch.tanh(torch.nn.functional.linear(pooled, head["dense.weight"], head["dense.bias"])),
+            head["out_proj.weight"], head["out_proj.bias"])
+        ours = model({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert torch.equal(by_hand, ours)
+
+
+def test_what_a_cli_run_cannot_export_is_refused_in_one_line(tmp_path):
+    from sam_peft.export import merged, peft_shira
+    from sam_peft.loader import build_config
+    from sam_peft.run import run
+    from util import tiny_run
+
+    cfg = build_config(tiny_run(task="rte", method={"name": "lora", "r": 2}, output_dir=tmp_path / "runs",
+                                train={"max_steps": 3, "eval_every": 3, "batch_size": 8, "max_seq_len": 48}))
+    run_dir = tmp_path / "runs" / run(cfg, progress=False, log=lambda *a: None)["run_id"]
+    for export, message in ((merged, "adds modules to the encoder"), (peft_shira, "export it with --merged")):
+        with pytest.raises(UserError) as err:
+            export(run_dir, tmp_path / "out")
+        assert message in str(err.value) and "\n" not in str(err.value)
+        assert not (tmp_path / "out").exists()

@@ -15,9 +15,9 @@ FLOORS = {
     "tasks": ["tasks", "data", "metrics", "device", "prepare", "identity"],
     "model": ["model", "arch"],
     "methods": ["methods", "loader"],
-    "engine": ["engine", "checkpoint", "delta", "lib", "hf", "export", "telemetry"],
+    "engine": ["engine", "checkpoint", "delta", "lib", "hf", "telemetry"],
     "run directory": ["rundir"],
-    "run": ["run"],
+    "run": ["run", "export"],
     "sweep": ["sweep", "sweep_expand", "executors"],
     "report": ["report", "cli"],
 }
