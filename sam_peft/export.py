@@ -110,9 +110,9 @@ def merged(delta_or_dir, out, base: str | None = None, log=print) -> Path:
     delta_lib.apply(model, path)  # one-line UserError if the base differs from the delta's
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError, TypeError):
+    except Exception as e:  # no tokenizer files; transformers' errors here vary by version and model
         tokenizer = None
-        log(f"{base}: no tokenizer to copy; {out} holds the model only")
+        log(f"{base}: no tokenizer to copy ({type(e).__name__}); {out} holds the model only")
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
@@ -208,12 +208,15 @@ def peft_shira(delta_or_dir, out, base: str | None = None, log=print) -> Path:
     import math
 
     import torch
-    from peft import ShiraConfig, get_peft_model
     from torch import nn
 
     if is_run_dir(delta_or_dir):
         raise UserError(f"{delta_or_dir}: a `sam-peft run` result, whose jiant-style head fits no model class PEFT "
                         f"adapts; export it with --merged (the encoder, and the head beside it)")
+    try:
+        from peft import ShiraConfig, get_peft_model
+    except ImportError:
+        raise UserError("--peft needs the `peft` package: pip install peft") from None
     path, meta, record, base = _source(delta_or_dir, base)
     out = Path(out)
     _check_out(out)

@@ -6,8 +6,9 @@ import contextlib
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertModel,
-                          BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,
+                          BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, Trainer, TrainingArguments)
 
 from sam_peft.errors import UserError
 from sam_peft.export import merged
@@ -68,11 +69,17 @@ def test_a_trainer_delta_exports_to_a_checkpoint_its_auto_class_loads_bitwise(tm
     assert all(torch.equal(p, trained[n]) for n, p in reloaded.named_parameters())
 
 
-def test_a_causal_lm_delta_exports_and_reloads_with_auto_model_for_causal_lm(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_causal_lm_delta_exports_and_reloads_with_auto_model_for_causal_lm(tmp_path, arch):
     torch.manual_seed(0)
-    base = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)).save_pretrained(base)
-    model = GPT2LMHeadModel.from_pretrained(base)
+    base = tmp_path / arch
+    if arch == "gpt2":  # tied embeddings and lm_head
+        GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)).save_pretrained(base)
+    else:
+        LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1,
+                                     max_position_embeddings=32)).save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
     delta = train_sparse(model, tmp_path / "run")
     out = merged(tmp_path / "run", tmp_path / "merged", log=lambda *a: None)  # a folder holding the delta
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -80,7 +87,8 @@ def test_a_causal_lm_delta_exports_and_reloads_with_auto_model_for_causal_lm(tmp
     model.eval()
     reloaded.eval()
     assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
-    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight  # still tied
+    if arch == "gpt2":
+        assert reloaded.lm_head.weight is reloaded.transformer.wte.weight  # still tied
     assert delta.is_file()
 
 
