@@ -24,6 +24,7 @@ one freezing rule and one optimizer (optim.plan_optimizer), deltas (delta.py).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -53,6 +54,18 @@ def _named(model: nn.Module, params: list[str] | None) -> dict[str, nn.Parameter
     if missing:
         raise KeyError(f"no parameter named {missing[0]!r} in the model")
     return {n: all_params[n] for n in params}
+
+
+@contextlib.contextmanager
+def _requires_grad_kept(model: nn.Module):
+    """Scoring freezes what it does not score (params.set_trainable); a library call leaves the
+    caller's requires_grad flags as it found them."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, p.requires_grad))
 
 
 def snapshot(model: nn.Module, params: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -172,18 +185,14 @@ def select(model: nn.Module, selector: str = "sam", *, batches: Iterable = (), l
     message = zero_budget("density", method.opts.density, sum(p.numel() for p in named.values()), model_name)
     if message:
         raise ValueError(message)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     host = BatchHost(model, batches, loss_fn, batches_per_epoch, progress, accumulation)
     device = next(iter(named.values())).device
     # theta0 is read by selections that compare against the pretrained values (none of today's
     # selectors here): views, not copies, since nothing changes before they are read.
     ctx = SelectContext(model, list(named), {n: p.detach() for n, p in named.items()}, host, seed=seed,
                         device=device, grad_clip=grad_clip, head=list(head), stats_dtype=stats_dtype)
-    try:
+    with _requires_grad_kept(model):
         plan = method.select(model, ctx)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, p.requires_grad))
     report = ctx.selection or {}
     if report.get("n_chosen_without_positive_score"):
         log.warning("%s: %d of the %d chosen entries have no positive score (ties at zero, filled by position)",
@@ -204,14 +213,10 @@ def sam_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, params: l
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}: {', '.join(SCORES)}")
     named = _named(model, params)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     ctx = SelectContext(model, list(named), {}, BatchHost(model, batches, loss_fn), seed=0,
                         device=None, grad_clip=0.0, head=[])
-    try:
+    with _requires_grad_kept(model):
         sums = ctx.accumulate_gradients(None, stats=(SCORES[score],))
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
     return score_from(sums, score)
 
 
