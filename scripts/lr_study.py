@@ -11,7 +11,8 @@
                                             against each sparse row), OUT/by_lr.md and
                                             OUT/by_lr.png (each sparse row against Random at every
                                             lr), OUT/convergence.md (best steps, trivial runs,
-                                            where the chosen entries are)
+                                            each row's val at every lr and its
+                                            choice, the pooler's part)
 
 OUT defaults to results/lr_study. Exit status 2 on bad input, 1 when phase 1 is not done, 3 when the
 choice is written but not yet committed to git (PLAN.md: it is committed before any phase-2 run).
@@ -174,8 +175,49 @@ def plot_by_lr(cells: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def choices_on_grid(results: Results) -> str:
+    """Each row's mean val at every lr of its grid (seeds 0-4), its choice, and whether the choice
+    is at an end of the grid (PLAN.md: such a row is named, its best lr may lie outside)."""
+    _, choices = select_on(results, "val", TUNING_SEEDS)
+    means: dict[str, dict[float, list[float]]] = {}
+    for r in results.done():
+        if r.seed in TUNING_SEEDS and "train.lr" in r.grid:
+            means.setdefault(r.row, {}).setdefault(r.grid["train.lr"], []).append(r.metric("val"))
+    out = ["## The choice: mean val score at every learning rate (seeds 0-4)", "",
+           "| row | lr: mean val (runs) | chosen | at an end of the grid |",
+           "|:--|:--|--:|:--|"]
+    for c in choices:
+        by_lr = dict(sorted(means.get(c.row, {}).items()))
+        chosen = next(r.grid["train.lr"] for r in results.runs if r.label == c.label)
+        cells = ", ".join(f"{lr:g}: {np.mean(v):.2f} ({len(v)})" for lr, v in by_lr.items())
+        lrs = list(by_lr)
+        end = "yes" if chosen in (lrs[0], lrs[-1]) else "no"
+        out.append(f"| {c.row} | {cells} | {chosen:g} | {end} |")
+    return "\n".join(out) + "\n"
+
+
+def pooler_shares(results: Results) -> str:
+    """How much of the pooler each row trains at its chosen lr: this checkpoint's pooler was never
+    trained (bias 0), and its large gradients draw a global top-k."""
+    chosen, _ = select_on(results, "val", TUNING_SEEDS)
+    out = ["## The pooler (untrained in this checkpoint) at each row's chosen learning rate", "",
+           "| row | runs | pooler entries trained | of the pooler | share of the row's trained entries |",
+           "|:--|--:|--:|--:|--:|"]
+    for row in chosen.labels():
+        groups = [(r.result.get("mask_share") or {}).get("groups", {}).get("pooler") for r in chosen.done()
+                  if r.label == row]
+        groups = [g for g in groups if g and 0.0 < g.get("density", 0.0) < 1.0]
+        if not groups:
+            continue
+        n = np.mean([g["chosen"] for g in groups])
+        out.append(f"| {row} | {len(groups)} | {n:,.0f} | {100 * np.mean([g['density'] for g in groups]):.1f}% | "
+                   f"{100 * np.mean([g['share_of_chosen'] for g in groups]):.1f}% |")
+    return "\n".join(out) + "\n"
+
+
 def convergence(results: Results) -> str:
-    """Per row at its chosen lr: the best steps, runs at the trivial score, the mask shares."""
+    """Per row at its chosen lr: the best steps, runs at the trivial score; the choice on the grid;
+    the pooler's part in each row's entries."""
     chosen, _ = select_on(results, "val", TUNING_SEEDS)
     out = ["## Convergence at each row's chosen learning rate", "",
            "| row | runs | median best step | best steps | runs at step 600 | runs at the trivial score |",
@@ -189,7 +231,7 @@ def convergence(results: Results) -> str:
                    f"{sum(s == 600 for s in steps)} | {sum(r.at_trivial('test') for r in runs)} |")
     out += ["", "A median below 600: most runs peaked on val before the end of training (best-val weights are "
             "the ones tested).", ""]
-    return "\n".join(out)
+    return "\n".join(out) + "\n" + choices_on_grid(results) + "\n" + pooler_shares(results)
 
 
 def report(out: Path) -> int:

@@ -41,6 +41,10 @@ def fabricate(plan_runs, root: Path, seeds=None) -> None:
                   "status": "done", "best_step": 550, "steps": 600,
                   "metrics": {"val": {"major": val}, "test": {"major": test}, "train": {"major": 90.0}},
                   "trivial": {"val": 0.0, "test": 0.0, "train": 0.0}}
+        if r.row != "FullTuning":  # a sparse row: 1,000 of the pooler's 4,000 entries, 40% of its own
+            result["mask_share"] = {"groups": {
+                "pooler": {"chosen": 1000, "total": 4000, "share_of_chosen": 0.4, "density": 0.25},
+                "ffn": {"chosen": 1500, "total": 300000, "share_of_chosen": 0.6, "density": 0.005}}}
         (d / "result.json").write_text(json.dumps(result))
         entries.append(r.record())
     (root / "sweep.json").write_text(json.dumps({"runs": entries}))
@@ -86,7 +90,14 @@ def test_choose_then_confirm_then_report(tmp_path, capsys):
     assert "| SAM (per-tensor) | Random | 10/10 |" in stats and "| SAM | FullTuning | 10/10 |" in stats
     by_lr = (out / "by_lr.md").read_text()
     assert by_lr.count("| SAM lr=") == 4 and "### learning rate 0.0005" in by_lr
-    assert "| SAM | 10 | 550 |" in (out / "convergence.md").read_text()
+    convergence = (out / "convergence.md").read_text()
+    assert "| SAM | 10 | 550 |" in convergence
+    # Each row's val at every grid lr, its choice, and whether that sits at an end of the grid.
+    val = {lr: _score("Random", lr, 0)[0] for lr in (5e-4, 1.5e-3, 5e-3, 1.5e-2)}
+    assert f"| Random | 0.0005: {val[5e-4] + 0.6:.2f} (5)," in convergence and "| 0.015 | yes |" in convergence
+    assert "| SAM (per-tensor) | " in convergence and "| 0.0015 | no |" in convergence
+    assert "| SAM | 10 | 1,000 | 25.0% | 40.0% |" in convergence  # the pooler's part
+    assert "| FullTuning | 10 | 1," not in convergence  # FullTuning trains whole tensors: no row
 
     # A different phase 1 later must not overwrite the committed choice.
     confirm.write_text(text.replace("- 0.005", "- 0.0005", 1))
