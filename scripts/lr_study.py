@@ -175,10 +175,9 @@ def plot_by_lr(cells: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def choices_on_grid(results: Results) -> str:
-    """Each row's mean val at every lr of its grid (seeds 0-4), its choice, and whether the choice
-    is at an end of the grid (PLAN.md: such a row is named, its best lr may lie outside)."""
-    _, choices = select_on(results, "val", TUNING_SEEDS)
+def choices_on_grid(results: Results, choices: list) -> str:
+    """Each row's mean val at every lr of its grid (seeds 0-4), its choice (select_on's), and whether
+    the choice is at an end of the grid (PLAN.md: such a row is named, its best lr may lie outside)."""
     means: dict[str, dict[float, list[float]]] = {}
     for r in results.done():
         if r.seed in TUNING_SEEDS and "train.lr" in r.grid:
@@ -196,10 +195,9 @@ def choices_on_grid(results: Results) -> str:
     return "\n".join(out) + "\n"
 
 
-def pooler_shares(results: Results) -> str:
-    """How much of the pooler each row trains at its chosen lr: this checkpoint's pooler was never
-    trained (bias 0), and its large gradients draw a global top-k."""
-    chosen, _ = select_on(results, "val", TUNING_SEEDS)
+def pooler_shares(chosen: Results) -> str:
+    """How much of the pooler each row trains at its chosen lr (`chosen`: select_on's results): this
+    checkpoint's pooler was never trained (bias 0), and its large gradients draw a global top-k."""
     out = ["## The pooler (untrained in this checkpoint) at each row's chosen learning rate", "",
            "| row | runs | pooler entries trained | of the pooler | share of the row's trained entries |",
            "|:--|--:|--:|--:|--:|"]
@@ -218,7 +216,7 @@ def pooler_shares(results: Results) -> str:
 def convergence(results: Results) -> str:
     """Per row at its chosen lr: the best steps, runs at the trivial score; the choice on the grid;
     the pooler's part in each row's entries."""
-    chosen, _ = select_on(results, "val", TUNING_SEEDS)
+    chosen, choices = select_on(results, "val", TUNING_SEEDS)
     out = ["## Convergence at each row's chosen learning rate", "",
            "| row | runs | median best step | best steps | runs at step 600 | runs at the trivial score |",
            "|:--|--:|--:|:--|--:|--:|"]
@@ -231,7 +229,7 @@ def convergence(results: Results) -> str:
                    f"{sum(s == 600 for s in steps)} | {sum(r.at_trivial('test') for r in runs)} |")
     out += ["", "A median below 600: most runs peaked on val before the end of training (best-val weights are "
             "the ones tested).", ""]
-    return "\n".join(out) + "\n" + choices_on_grid(results) + "\n" + pooler_shares(results)
+    return "\n".join(out) + "\n" + choices_on_grid(results, choices) + "\n" + pooler_shares(chosen)
 
 
 def report(out: Path) -> int:
